@@ -1,0 +1,138 @@
+"""The command line: LightningCLI with the template's options, the ``plan`` dry run and errors.
+
+Options beyond the Trainer's, model's and DataModule's own:
+
+- ``--checkpoint.*``: the ModelCheckpoint used for training. Default: save at the end
+  of every training epoch into ``<default_root_dir>/checkpoints`` (the same folder on
+  every relaunch), keep ``last.ckpt`` and the best two by ``val/acc``.
+- ``--plan.*``: the training plan's own inputs (``max_samples``, warmup).
+- ``--ckpt_path last`` resumes from ``last.ckpt`` and fails if there is none;
+  ``--ckpt_path auto`` resumes when it exists and starts fresh otherwise (what a
+  requeued job wants).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from train_template import launch
+from train_template.callbacks import FiniteLossGuard, PredictionWriter, TrainingPlanCallback
+from train_template.data import ShardDataModule
+from train_template.errors import UserError
+from train_template.module import ClassifierModule
+
+CHECKPOINT_DEFAULTS = {
+    "checkpoint.filename": "epoch{epoch:03d}-step{step:06d}",
+    "checkpoint.auto_insert_metric_name": False,
+    "checkpoint.monitor": "val/acc",
+    "checkpoint.mode": "max",
+    "checkpoint.save_top_k": 2,
+    "checkpoint.save_last": True,
+    "checkpoint.save_on_train_epoch_end": True,
+}
+
+
+class TemplateCLI(LightningCLI):
+    """LightningCLI for the template: fit, validate, test, predict and plan."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", ClassifierModule)
+        kwargs.setdefault("datamodule_class", ShardDataModule)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": False})
+        # Always on, whatever trainer.callbacks a config lists (LightningCLI appends these).
+        kwargs.setdefault("trainer_defaults", {"callbacks": [FiniteLossGuard(), PredictionWriter()]})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(CHECKPOINT_DEFAULTS)
+        parser.add_lightning_class_args(TrainingPlanCallback, "plan")
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        plan_parser = self.init_parser(description="Print the training plan without training.")
+        self._add_arguments(plan_parser)
+        plan_parser.add_argument("--json", type=bool, default=False, help="Print the plan as JSON.")
+        plan_parser.add_argument(
+            "--lr_curve", type=str | None, default=None, help="Save the LR curve to this PNG file."
+        )
+        self._subcommand_method_arguments["plan"] = []
+        self._subcommand_parsers["plan"] = plan_parser
+        parser._subcommands_action.add_subcommand(
+            "plan", plan_parser, help="Print the training plan (any world size) without training."
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        trainer = config.trainer
+        root = trainer.default_root_dir or "runs/default"
+        trainer.default_root_dir = root
+        if config.checkpoint.dirpath is None:
+            # Fixed across relaunches: a new logger version must not hide last.ckpt.
+            config.checkpoint.dirpath = str(Path(root) / "checkpoints")
+        if trainer.logger in (None, True):
+            trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": root, "name": "logs"},
+            }
+        if self.subcommand != "plan":
+            launch.check_environment(trainer.devices, trainer.num_nodes)
+            config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), config.checkpoint.dirpath)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        # The dry run plans for world sizes this machine may not have: no Trainer.
+        return None if self.subcommand == "plan" else super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "plan":
+            from train_template.dry_run import run_plan
+
+            run_plan(self.config["plan"], self.datamodule, self.model, self.config_init["plan"])
+            return
+        super()._run_subcommand(subcommand)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
+    """'last' must exist; 'auto' resumes when last.ckpt exists; paths must exist."""
+    if ckpt_path is None:
+        return None
+    last = Path(checkpoint_dir) / "last.ckpt"
+    if ckpt_path == "auto":
+        return str(last) if last.is_file() else None
+    if ckpt_path == "last":
+        if not last.is_file():
+            raise UserError(
+                f"--ckpt_path last: there is no {last}: check --trainer.default_root_dir, or "
+                "use --ckpt_path auto to start fresh when nothing was saved yet"
+            )
+        return str(last)
+    if ckpt_path in ("best", "hpc", "registry") or "://" in ckpt_path:
+        return ckpt_path
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    return ckpt_path
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point: runs the CLI and turns user errors into one line and exit status 2."""
+    try:
+        TemplateCLI(args=args, parser_kwargs={"exit_on_error": False})
+    except UserError as error:
+        _fail(str(error))
+    except Exception as error:  # jsonargparse reports bad options with its own type
+        if type(error).__name__ == "ArgumentError":
+            _fail(str(error).strip().splitlines()[0])
+        raise
+
+
+def _fail(message: str) -> None:
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    prefix = "error" if rank == "0" else f"error (rank {rank})"
+    print(f"{prefix}: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,10 @@
+"""User errors: mistakes the user fixes by changing a setting, reported in one line.
+
+Anything raised as :class:`UserError` reaches the terminal as ``error: <message>``
+with exit status 2 and no traceback (see ``cli.main``). Every other exception is a
+bug in the template or a library and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A bad setting, bad data or an unusable checkpoint; the message says what to change."""

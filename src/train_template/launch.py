@@ -1,0 +1,57 @@
+"""Launch-environment checks, run before the Trainer starts.
+
+Lightning detects torchrun (``TorchElasticEnvironment``) and SLURM
+(``SLURMEnvironment``) on its own; what it does not do is tell you, in one line,
+that the launcher's process count and the Trainer's ``devices x num_nodes`` disagree
+(Lightning then hangs or fails deep inside process-group setup). Nothing inside the
+training loop knows how it was launched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from train_template.errors import UserError
+
+
+def requested_world_size(devices, num_nodes: int) -> int | None:
+    """devices x num_nodes when devices is a count or list; None for 'auto'/-1."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices) * num_nodes
+    if isinstance(devices, str):
+        if devices.strip().lstrip("-").isdigit():
+            devices = int(devices)
+        elif "," in devices:
+            return len([d for d in devices.split(",") if d.strip()]) * num_nodes
+        else:
+            return None
+    if isinstance(devices, int) and devices > 0:
+        return devices * num_nodes
+    return None
+
+
+def check_environment(devices, num_nodes: int, environ: Mapping[str, str] = os.environ) -> None:
+    """Raise UserError when the launcher and the Trainer settings cannot work together."""
+    want = requested_world_size(devices, num_nodes)
+    slurm_tasks = environ.get("SLURM_NTASKS")
+    in_slurm_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
+    if "SLURM_JOB_ID" in environ and slurm_tasks and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        if not in_slurm_step and int(slurm_tasks) > 1:
+            raise UserError(
+                f"this SLURM job has {slurm_tasks} tasks but the script was not started with srun: "
+                "launch it as `srun python train.py ...` (see scripts/slurm/train.sbatch)"
+            )
+        if in_slurm_step and want is not None and int(slurm_tasks) != want:
+            raise UserError(
+                f"SLURM started {slurm_tasks} tasks but --trainer.devices x --trainer.num_nodes = "
+                f"{devices} x {num_nodes} = {want}: set --ntasks-per-node to the devices per node "
+                "and --nodes to num_nodes, or change the trainer settings"
+            )
+    torchrun_world = environ.get("WORLD_SIZE") if "TORCHELASTIC_RUN_ID" in environ else None
+    if torchrun_world is not None and want is not None and int(torchrun_world) != want:
+        raise UserError(
+            f"torchrun started {torchrun_world} processes but --trainer.devices x "
+            f"--trainer.num_nodes = {devices} x {num_nodes} = {want}: make --nproc_per_node x "
+            "--nnodes equal to devices x num_nodes"
+        )

@@ -1,0 +1,255 @@
+"""The training plan: how many optimizer steps a run takes, derived from the real loader.
+
+Pure arithmetic on purpose: no Lightning, no litdata. The fit-time callback
+(`callbacks.TrainingPlanCallback`) and the dry-run `plan` command both feed it
+numbers they read from the real dataloader, so the plan can be tested exhaustively
+in microseconds and still matches what Lightning executes.
+
+How Lightning steps (2.x): each rank's train loader yields ``batches_per_epoch``
+batches; the optimizer steps after every ``accumulate_grad_batches`` batches *and*
+on the last batch of the epoch, even when that accumulation window is short. So
+``steps_per_epoch = ceil(batches_per_epoch / accumulate_grad_batches)``, which the
+usual ``ceil(samples / (batch * accumulate * world))`` gets wrong whenever a short
+window or drop_last is involved.
+
+Precedence of the training length (most specific wins, printed in the plan):
+``max_steps`` (optimizer steps) > ``max_samples`` (global samples) > ``max_epochs``.
+Setting both ``max_steps`` and ``max_samples`` is a conflict and an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+from train_template.errors import UserError
+
+
+class PlanError(UserError, ValueError):
+    """A plan input the user has to change; the message is one line naming the setting."""
+
+
+@dataclass(frozen=True)
+class WarmupSetting:
+    """Warmup given in exactly one unit; converted to optimizer steps by the plan."""
+
+    steps: int | None = None
+    fraction: float | None = None
+    epochs: float | None = None
+
+    def to_steps(self, max_steps: int, steps_per_epoch: int) -> int:
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if len(given) > 1:
+            names = ", ".join(f"--plan.warmup_{k}" for k in given)
+            raise PlanError(f"warmup is set more than once ({names}): keep only one of them")
+        if self.steps is not None:
+            if self.steps < 0:
+                raise PlanError(f"--plan.warmup_steps={self.steps} is negative: use 0 or more")
+            return self.steps
+        if self.fraction is not None:
+            if not 0 <= self.fraction < 1:
+                raise PlanError(
+                    f"--plan.warmup_fraction={self.fraction} is outside [0, 1): "
+                    "use a fraction of the run, e.g. 0.05"
+                )
+            return int(round(self.fraction * max_steps))
+        if self.epochs is not None:
+            if self.epochs < 0:
+                raise PlanError(f"--plan.warmup_epochs={self.epochs} is negative: use 0 or more")
+            return math.ceil(self.epochs * steps_per_epoch)
+        return 0
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Everything that depends on world size, accumulation and loader length, in one place."""
+
+    world_size: int
+    devices: int
+    num_nodes: int
+    batch_size: int
+    accumulate_grad_batches: int
+    global_batch_size: int
+    batches_per_epoch: int  # per rank, after sharding, drop_last and limit_train_batches
+    samples_per_epoch: int  # all ranks together
+    steps_per_epoch: int
+    epochs: int
+    max_steps: int
+    warmup_steps: int
+    length_from: str  # which setting decided the length: max_steps, max_samples or max_epochs
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @property
+    def last_epoch_steps(self) -> int:
+        """Optimizer steps in the final epoch (shorter than steps_per_epoch for step budgets)."""
+        return self.max_steps - (self.epochs - 1) * self.steps_per_epoch
+
+
+# Inputs whose change makes a saved run's remaining schedule different. The dataset
+# size enters through batches_per_epoch and samples_per_epoch.
+RESUME_SENSITIVE_KEYS = (
+    "world_size",
+    "batch_size",
+    "accumulate_grad_batches",
+    "batches_per_epoch",
+    "samples_per_epoch",
+    "max_steps",
+    "warmup_steps",
+)
+
+
+def make_plan(
+    *,
+    batches_per_epoch: int,
+    batch_size: int,
+    accumulate_grad_batches: int,
+    devices: int = 1,
+    num_nodes: int = 1,
+    samples_per_rank: int | None = None,
+    max_epochs: int | None = None,
+    max_steps: int = -1,
+    max_samples: int | None = None,
+    warmup: WarmupSetting = WarmupSetting(),
+) -> TrainingPlan:
+    """Derive the plan; raises PlanError with a one-line fix for impossible inputs.
+
+    ``samples_per_rank`` is what one rank's loader yields per epoch (defaults to full
+    batches); it only matters for reporting and for ``max_samples``.
+    """
+    if batch_size < 1:
+        raise PlanError(f"--data.batch_size={batch_size}: the batch size must be at least 1")
+    if accumulate_grad_batches < 1:
+        raise PlanError(
+            f"--trainer.accumulate_grad_batches={accumulate_grad_batches}: must be at least 1"
+        )
+    if devices < 1 or num_nodes < 1:
+        raise PlanError(
+            f"--trainer.devices={devices} --trainer.num_nodes={num_nodes}: both must be >= 1"
+        )
+    world_size = devices * num_nodes
+    if batches_per_epoch < 1:
+        raise PlanError(
+            f"the train loader yields {batches_per_epoch} batches per rank per epoch "
+            f"(batch_size={batch_size}, world_size={world_size}): use a smaller --data.batch_size, "
+            "fewer devices, more data, or --data.drop_last false"
+        )
+    if samples_per_rank is None:
+        samples_per_rank = batches_per_epoch * batch_size
+    samples_per_rank = min(samples_per_rank, batches_per_epoch * batch_size)
+    samples_per_epoch = samples_per_rank * world_size
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulate_grad_batches)
+    global_batch_size = batch_size * accumulate_grad_batches * world_size
+
+    if max_steps is not None and max_steps > 0 and max_samples is not None:
+        raise PlanError(
+            f"both --trainer.max_steps={max_steps} and --plan.max_samples={max_samples} "
+            "are set: keep only one training length"
+        )
+    if max_steps is not None and max_steps not in (-1, None) and max_steps < 1:
+        raise PlanError(f"--trainer.max_steps={max_steps}: use a positive count, or -1 for unset")
+    if max_steps is not None and max_steps > 0:
+        length_from = "max_steps"
+        total_steps = max_steps
+    elif max_samples is not None:
+        if max_samples < 1:
+            raise PlanError(f"--plan.max_samples={max_samples}: must be at least 1")
+        length_from = "max_samples"
+        total_steps = _steps_for_samples(
+            max_samples, samples_per_epoch, steps_per_epoch, batch_size * world_size,
+            accumulate_grad_batches,
+        )
+    else:
+        if max_epochs is None or max_epochs < 1:
+            raise PlanError(
+                f"no training length: --trainer.max_epochs={max_epochs}; set "
+                "--trainer.max_epochs, --trainer.max_steps or --plan.max_samples"
+            )
+        length_from = "max_epochs"
+        total_steps = max_epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    warmup_steps = warmup.to_steps(total_steps, steps_per_epoch)
+    if warmup_steps >= total_steps and warmup_steps > 0:
+        raise PlanError(
+            f"warmup ({warmup_steps} steps) is not shorter than training ({total_steps} steps): "
+            "lower the --plan.warmup_* setting or train longer"
+        )
+    return TrainingPlan(
+        world_size=world_size,
+        devices=devices,
+        num_nodes=num_nodes,
+        batch_size=batch_size,
+        accumulate_grad_batches=accumulate_grad_batches,
+        global_batch_size=global_batch_size,
+        batches_per_epoch=batches_per_epoch,
+        samples_per_epoch=samples_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        max_steps=total_steps,
+        warmup_steps=warmup_steps,
+        length_from=length_from,
+    )
+
+
+def _steps_for_samples(
+    max_samples: int,
+    samples_per_epoch: int,
+    steps_per_epoch: int,
+    samples_per_global_batch: int,
+    accumulate_grad_batches: int,
+) -> int:
+    """Optimizer steps until at least ``max_samples`` samples have been consumed.
+
+    Whole epochs first, then the whole batches the remainder needs; the step count
+    follows Lightning's rule for the partial epoch too.
+    """
+    full_epochs, remainder = divmod(max_samples, samples_per_epoch)
+    remainder_batches = math.ceil(remainder / samples_per_global_batch)
+    return full_epochs * steps_per_epoch + math.ceil(remainder_batches / accumulate_grad_batches)
+
+
+def accumulation_window_size(batch_idx: int, batches_per_epoch: int, accumulate: int) -> int:
+    """How many batches the accumulation window containing ``batch_idx`` really has.
+
+    Every window is ``accumulate`` batches long except possibly the last one of the
+    epoch, which Lightning closes early on the final batch.
+    """
+    window_start = (batch_idx // accumulate) * accumulate
+    return min(accumulate, batches_per_epoch - window_start)
+
+
+def changed_inputs(saved: dict, current: TrainingPlan) -> list[str]:
+    """Human-readable differences between a checkpoint's plan and the plan of this launch."""
+    now = current.to_dict()
+    return [
+        f"{key} {saved[key]} -> {now[key]}"
+        for key in RESUME_SENSITIVE_KEYS
+        if key in saved and saved[key] != now[key]
+    ]
+
+
+def format_plan(plan: TrainingPlan) -> str:
+    """The table printed on rank 0 when fit starts and by the dry run."""
+    rows = [
+        ("world size", f"{plan.world_size} ({plan.num_nodes} node(s) x {plan.devices} device(s))"),
+        ("batch size per device", plan.batch_size),
+        ("accumulate grad batches", plan.accumulate_grad_batches),
+        ("global batch size", plan.global_batch_size),
+        ("batches per epoch (per rank)", plan.batches_per_epoch),
+        ("samples per epoch (all ranks)", plan.samples_per_epoch),
+        ("optimizer steps per epoch", plan.steps_per_epoch),
+        ("epochs", plan.epochs),
+        ("max steps", f"{plan.max_steps} (length from {plan.length_from})"),
+        ("warmup steps", plan.warmup_steps),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = ["Training plan", "-" * (width + 24)]
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
