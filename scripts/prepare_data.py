@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--test-fraction", type=float, default=0.1)
-    parser.add_argument("--num-workers", type=int, default=1, help="litdata.optimize workers")
+    parser.add_argument("--num-workers", type=int, default=1, help="litdata.optimize workers (0: write in this process, no workers)")
     parser.add_argument("--chunk-bytes", default="16MB", help="target size of one shard file")
     parser.add_argument("--force", action="store_true", help="rebuild even if the shards are up to date")
     args = parser.parse_args(argv)

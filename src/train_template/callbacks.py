@@ -136,6 +136,22 @@ def _check_ranks_agree(
         )
 
 
+class StreamingResumeGuard(Callback):
+    """Keeps a resumed StreamingDataLoader from replaying its restored state next epoch.
+
+    After ``load_state_dict`` litdata keeps ``restore=True`` until its iterator runs to
+    exhaustion, but Lightning stops at the loader's length without exhausting it. The
+    epoch after a mid-epoch resume would then start from the stale restored position
+    instead of a fresh, reshuffled epoch. ``on_train_epoch_start`` is skipped for the
+    resumed epoch itself and runs before every later epoch's iterator is created.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if getattr(loader, "restore", False):
+            loader.restore = False
+
+
 class FiniteLossGuard(Callback):
     """Stops training on a NaN or infinite loss before it reaches a checkpoint.
 

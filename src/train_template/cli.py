@@ -18,11 +18,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from train_template import launch
-from train_template.callbacks import FiniteLossGuard, PredictionWriter, TrainingPlanCallback
+from train_template.callbacks import (
+    FiniteLossGuard,
+    PredictionWriter,
+    StreamingResumeGuard,
+    TrainingPlanCallback,
+)
+from train_template.checkpointing import RNGStateCallback, RunCheckpoint
 from train_template.data import ShardDataModule
 from train_template.errors import UserError
 from train_template.module import ClassifierModule
@@ -46,11 +51,21 @@ class TemplateCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", ShardDataModule)
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
         # Always on, whatever trainer.callbacks a config lists (LightningCLI appends these).
-        kwargs.setdefault("trainer_defaults", {"callbacks": [FiniteLossGuard(), PredictionWriter()]})
+        kwargs.setdefault(
+            "trainer_defaults",
+            {
+                "callbacks": [
+                    StreamingResumeGuard(),
+                    RNGStateCallback(),
+                    FiniteLossGuard(),
+                    PredictionWriter(),
+                ]
+            },
+        )
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.add_lightning_class_args(TrainingPlanCallback, "plan")
 

@@ -101,6 +101,18 @@ def _write_samples(index_range: tuple[int, int], images_path: str, labels: np.nd
         }
 
 
+def _write_in_process(samples, out_dir: Path, chunk_bytes: str) -> None:
+    """The same shard format as ``litdata.optimize``, written by litdata's own writer
+    in this process: no worker start-up, for small data and test fixtures."""
+    from litdata.streaming.writer import BinaryWriter
+
+    writer = BinaryWriter(str(out_dir), chunk_bytes=chunk_bytes)
+    for position, sample in enumerate(samples):
+        writer.add_item(position, sample)
+    writer.done()
+    writer.merge()
+
+
 def is_up_to_date(out_dir: Path, expected_fingerprint: str) -> bool:
     meta_path = out_dir / METADATA_FILE
     if not meta_path.is_file():
@@ -148,6 +160,15 @@ def prepare(
         step = max(1, len(indices) // max(1, 4 * num_workers))
         ranges = [(lo, min(lo + step, len(indices))) for lo in range(0, len(indices), step)]
         log(f"[{split}] writing {len(indices)} samples to {out_dir / split}")
+        if num_workers == 0:
+            _write_in_process(
+                _write_samples((0, len(indices)), str(images_path), index_and_label),
+                staging / split,
+                chunk_bytes,
+            )
+            images_path.unlink()
+            counts[split] = int(len(indices))
+            continue
         litdata.optimize(
             fn=partial(_write_samples, images_path=str(images_path), labels=index_and_label),
             inputs=ranges,

@@ -1,0 +1,86 @@
+"""Checkpointing: the template's ModelCheckpoint and the RNG state carried in checkpoints.
+
+Writes are already atomic in Lightning: ``TorchCheckpointIO`` serialises to memory and
+writes through an fsspec transaction (a temporary file moved into place), so a
+process killed mid-write never leaves a partial file under a checkpoint's name
+(``tests/test_resume.py`` kills a writer to prove it).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that keeps ``last.ckpt`` current at every epoch end.
+
+    Stock ModelCheckpoint saves either every N train steps or every N epochs, never
+    both; with ``every_n_train_steps`` alone a run that ends between two multiples of N
+    leaves a stale ``last.ckpt``. This also refreshes ``last.ckpt`` at each epoch end
+    (and so at the end of training).
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if (
+            self.save_last
+            and self._every_n_train_steps > 0
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class RNGStateCallback(Callback):
+    """Saves torch, numpy and Python RNG states so dropout after a resume is unchanged.
+
+    Lightning checkpoints do not hold the global RNG states; without them a resumed
+    run draws different dropout masks and ends with different weights. The state is
+    put back at the first training batch: between ``on_train_start`` and that batch
+    Lightning's loops still draw from the global generator.
+    """
+
+    def __init__(self) -> None:
+        self._restored: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "torch": torch.get_rng_state(),
+            # As tensors and ints: checkpoints are loaded with weights_only=True.
+            "numpy": _numpy_state_to_safe(np.random.get_state()),
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._restored is None:
+            return
+        torch.set_rng_state(self._restored["torch"])
+        np.random.set_state(_numpy_state_from_safe(self._restored["numpy"]))
+        random.setstate(self._restored["python"])
+        self._restored = None
+
+
+def _numpy_state_to_safe(state: tuple) -> dict[str, Any]:
+    name, keys, position, has_gauss, cached_gaussian = state
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def _numpy_state_from_safe(state: dict[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["position"], state["has_gauss"], state["cached_gaussian"])

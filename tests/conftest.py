@@ -1,0 +1,97 @@
+"""Shared fixtures: real litdata shards in tmp dirs and a helper to run train.py for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """The embedded digits, prepared by the real preparation code (in-process writer)."""
+    from train_template.data_prep import prepare
+
+    out = tmp_path_factory.mktemp("digits")
+    prepare("digits", out, num_workers=0, log=lambda *_: None)
+    return out
+
+
+def write_shards(root: Path, num_train: int, num_val: int = 16, num_test: int = 16) -> Path:
+    """Tiny real shards: train ids 0..num_train-1, then val and test ids after them."""
+    from sklearn.datasets import load_digits
+
+    from train_template.data_prep import _write_in_process
+
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    start = 0
+    for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
+        samples = (
+            {
+                "index": i,
+                "image": images[i % len(images)].tobytes(),
+                "label": int(digits.target[i % len(images)]),
+            }
+            for i in range(start, start + count)
+        )
+        _write_in_process(samples, root / split, "1MB")
+        start += count
+    return root
+
+
+def train_cmd(subcommand: str, run_dir: Path, data_dir: Path, *args: str, config: str = "default") -> list[str]:
+    return [
+        PYTHON, str(REPO / "train.py"), subcommand,
+        "--config", str(REPO / "configs" / f"{config}.yaml"),
+        "--data.data_dir", str(data_dir),
+        "--trainer.default_root_dir", str(run_dir),
+        "--trainer.enable_progress_bar", "false",
+        *args,
+    ]
+
+
+def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def recorder_config(run_dir: Path) -> Path:
+    """A config overlay that adds the sample-id audit callback (and keeps the LR monitor)."""
+    path = run_dir.parent / f"{run_dir.name}-audit.yaml"
+    path.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n"
+        "      init_args: {logging_interval: step}\n"
+        "    - class_path: train_template.callbacks.SampleIdRecorder\n"
+        f"      init_args: {{out_dir: {run_dir / 'samples'}}}\n"
+    )
+    return path
+
+
+def read_samples(run_dir: Path) -> dict[tuple[int, int, int], dict]:
+    """(rank, epoch, batch_idx) -> the last record written for it (resumes overwrite)."""
+    records = {}
+    for path in sorted((run_dir / "samples").glob("samples-rank*.jsonl")):
+        rank = int(path.stem.removeprefix("samples-rank"))
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            records[(rank, record["epoch"], record["batch_idx"])] = record
+    return records
+
+
+def load_plan(run_dir: Path) -> dict:
+    plans = sorted((run_dir / "logs").glob("version_*/plan.json"))
+    assert plans, f"no plan.json under {run_dir}"
+    return json.loads(plans[-1].read_text())

@@ -1,0 +1,155 @@
+"""A run killed anywhere and resumed ends exactly as if it had never stopped.
+
+Real processes, real SIGKILL: the uninterrupted run and the killed-and-resumed run
+must train on the same sample ids in every step, with the same LR per step, reach
+the same global_step and end with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, read_samples, recorder_config, run, train_cmd, write_shards
+
+EPOCHS = "3"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    # 403 samples, batch 8: 51 batches per epoch (the last one short), 3 epochs.
+    return write_shards(tmp_path_factory.mktemp("resume-shards"), 403)
+
+
+def fit_args(run_dir: Path, data: Path, *extra: str, config: str = "default") -> list[str]:
+    return train_cmd(
+        "fit", run_dir, data,
+        "--config", str(recorder_config(run_dir)),
+        "--trainer.max_epochs", EPOCHS,
+        "--data.batch_size", "8",
+        *extra,
+        config=config,
+    )
+
+
+def last_step(run_dir: Path) -> int:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return -1
+    try:
+        return torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+    except Exception:  # noqa: BLE001 - unreadable means not written yet
+        return -1
+
+
+def kill_after_checkpoint(cmd: list[str], run_dir: Path, min_step: int) -> int:
+    """Start training, SIGKILL its whole process group once last.ckpt reaches min_step."""
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while (step := last_step(run_dir)) < min_step:
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return step
+
+
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    ref, res = read_samples(reference), read_samples(resumed)
+    assert ref.keys() == res.keys()
+    for key in ref:
+        assert res[key]["ids"] == ref[key]["ids"], f"different samples at {key}"
+        assert res[key]["lr"] == ref[key]["lr"], f"different LR at {key}"
+        assert res[key]["global_step"] == ref[key]["global_step"]
+    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"]
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+
+
+def epoch_orders(run_dir: Path, rank: int = 0) -> list[list[int]]:
+    records = read_samples(run_dir)
+    epochs = sorted({epoch for (r, epoch, _) in records if r == rank})
+    return [
+        [i for (r, e, b), rec in sorted(records.items()) if r == rank and e == epoch for i in rec["ids"]]
+        for epoch in epochs
+    ]
+
+
+@pytest.mark.parametrize(
+    "world_size,num_workers",
+    [
+        (1, 0),
+        pytest.param(1, 2, marks=pytest.mark.slow),
+        pytest.param(2, 0, marks=pytest.mark.ddp),
+        pytest.param(2, 2, marks=[pytest.mark.ddp, pytest.mark.slow]),
+    ],
+)
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, shards, world_size, num_workers):
+    extra = ["--data.num_workers", str(num_workers), "--checkpoint.every_n_train_steps", "7"]
+    config = "default"
+    if world_size == 2:
+        config = "ddp"
+        extra += ["--trainer.accelerator", "cpu", "--trainer.devices", "2"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run(fit_args(reference, shards, *extra, config=config))
+
+    steps_per_epoch = {1: 51, 2: 25}[world_size]
+    killed_at = kill_after_checkpoint(fit_args(resumed, shards, *extra, config=config), resumed, steps_per_epoch + 10)
+    assert killed_at % steps_per_epoch != 0, "the kill should land after a mid-epoch checkpoint"
+    run(fit_args(resumed, shards, *extra, "--ckpt_path", "last", config=config))
+
+    assert_same_run(reference, resumed)
+    orders = epoch_orders(reference)
+    assert orders[0] != orders[1], "shuffle should give each epoch its own order"
+
+
+def test_resume_from_end_of_epoch_checkpoint_continues_the_shuffle(tmp_path, shards):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run(fit_args(reference, shards))
+    # Default checkpointing saves at epoch ends only: the kill lands right after epoch 1's.
+    killed_at = kill_after_checkpoint(fit_args(resumed, shards), resumed, 51)
+    assert killed_at in (51, 102)
+    run(fit_args(resumed, shards, "--ckpt_path", "last"))
+
+    assert_same_run(reference, resumed)
+    orders = epoch_orders(resumed)
+    assert orders[0] != orders[1] != orders[2]
+
+
+def test_killed_checkpoint_writer_leaves_previous_checkpoint_loadable(tmp_path):
+    """SIGKILL a process in the middle of rewriting a large checkpoint, many times."""
+    target = tmp_path / "last.ckpt"
+    script = (
+        "import sys, torch\n"
+        "from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO\n"
+        "io = TorchCheckpointIO()\n"
+        "step = 0\n"
+        "while True:\n"
+        "    step += 1\n"
+        "    io.save_checkpoint({'step': step, 'w': torch.full((4_000_000,), float(step))}, sys.argv[1])\n"
+        "    print(step, flush=True)\n"
+    )
+    for attempt in range(5):
+        proc = subprocess.Popen(
+            [os.environ.get("PYTHON", __import__("sys").executable), "-c", script, str(target)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        for _ in range(2 + attempt):  # let it complete a few saves, then kill mid-write
+            proc.stdout.readline()
+        time.sleep(0.01 * attempt)
+        proc.kill()
+        proc.wait()
+        checkpoint = torch.load(target, weights_only=True)
+        assert torch.equal(checkpoint["w"], torch.full((4_000_000,), float(checkpoint["step"])))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
+    assert len(leftovers) <= 5  # temp files of killed writes never carry the final name
