@@ -89,10 +89,11 @@ class TrainingPlanCallback(Callback):
         trainer.fit_loop.max_epochs = plan.epochs
         if hasattr(pl_module, "apply_plan"):
             pl_module.apply_plan(plan)
+        log_dir = trainer.log_dir  # a broadcast in DDP: every rank must ask
         if trainer.is_global_zero:
             rank_zero_info(format_plan(plan))
-            if trainer.log_dir is not None:
-                path = Path(trainer.log_dir) / PLAN_FILE
+            if log_dir is not None:
+                path = Path(log_dir) / PLAN_FILE
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(plan.to_json())
 

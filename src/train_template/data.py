@@ -136,6 +136,14 @@ class ShardDataModule(pl.LightningDataModule):
         for split in needed:
             if split not in self.datasets:
                 self.datasets[split] = self.make_dataset(split)
+        if stage == "fit" and len(self._loader("train")) == 0:
+            # Lightning would silently skip training on an empty epoch.
+            samples = len(self.datasets["train"])
+            raise UserError(
+                f"each rank gets {samples} training samples, fewer than one batch of "
+                f"--data.batch_size={self.batch_size} with --data.drop_last true: use a smaller "
+                "batch size, fewer devices, more data, or --data.drop_last false"
+            )
 
     def _loader(self, split: str, dataset: StreamingDataset | None = None) -> StreamingDataLoader:
         training = split == "train"

@@ -36,7 +36,8 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
             "set --data.drop_last true"
         )
     length, samples = per_rank[0]
-    batches = _parse_num_batches(RunningStage.TRAINING, length, trainer.limit_train_batches)
+    limit = 1.0 if trainer.limit_train_batches is None else trainer.limit_train_batches
+    batches = _parse_num_batches(RunningStage.TRAINING, length, limit)
     max_epochs = trainer.max_epochs
     if max_epochs is None:  # Lightning's own default
         max_epochs = 1000 if trainer.max_steps == -1 else -1

@@ -1,0 +1,128 @@
+"""The plan equals what Lightning executes, on the real StreamingDataLoader over tiny shards.
+
+Hypothesis draws sample counts, batch sizes, drop_last, accumulation,
+limit_train_batches (int and float) and epochs; each example is a real
+``Trainer.fit``: global_step must equal plan.max_steps, the scheduler must step
+exactly max_steps times, the first step uses the warmup-start LR and the last the
+final LR. A second test shows the short last accumulation window gets the gradient
+of the batches it really holds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import write_shards
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from train_template.callbacks import TrainingPlanCallback
+from train_template.data import ShardDataModule
+from train_template.errors import UserError
+from train_template.module import ClassifierModule
+from train_template.network import MLP
+from train_template.schedule import LRSchedule
+
+BASE_LR = 0.1
+
+
+class StepRecorder(pl.Callback):
+    def __init__(self):
+        self.lrs, self.grads, self.batch_ids = [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch_ids.append(batch["index"].tolist())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+
+def fit(data_dir, *, batch_size, drop_last, accumulate, limit, epochs, warmup_fraction=0.25, scale=True):
+    torch.manual_seed(0)
+    model = ClassifierModule(
+        MLP(),
+        optimizer=lambda params: torch.optim.SGD(params, lr=BASE_LR),
+        lr_schedule=LRSchedule(decay="cosine", final_lr_factor=0.1, warmup_start_factor=0.01),
+        scale_partial_accumulation=scale,
+    )
+    data = ShardDataModule(str(data_dir), batch_size=batch_size, drop_last=drop_last, shuffle=True)
+    plan_callback, recorder = TrainingPlanCallback(warmup_fraction=warmup_fraction), StepRecorder()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, accumulate_grad_batches=accumulate,
+        limit_train_batches=limit, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[plan_callback, recorder],
+    )
+    trainer.fit(model, data)
+    return trainer, plan_callback.plan, recorder, model
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    num_samples=st.integers(1, 500),
+    batch_size=st.integers(4, 32),
+    drop_last=st.booleans(),
+    accumulate=st.integers(1, 8),
+    limit=st.one_of(st.none(), st.integers(1, 40), st.floats(0.05, 1.0)),
+    epochs=st.integers(1, 3),
+)
+def test_planned_steps_equal_executed_steps(num_samples, batch_size, drop_last, accumulate, limit, epochs):
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = write_shards(Path(tmp), num_samples)
+        if drop_last and num_samples < batch_size:
+            with pytest.raises(UserError, match="fewer than one batch"):
+                fit(data_dir, batch_size=batch_size, drop_last=drop_last, accumulate=accumulate,
+                    limit=limit if limit is not None else 1.0, epochs=epochs)
+            return
+        limit = 1.0 if limit is None else limit
+        trainer, plan, recorder, model = fit(
+            data_dir, batch_size=batch_size, drop_last=drop_last, accumulate=accumulate,
+            limit=limit, epochs=epochs,
+        )
+    assert trainer.global_step == plan.max_steps
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == plan.max_steps
+    assert len(recorder.lrs) == plan.max_steps
+    if plan.warmup_steps > 0:
+        assert recorder.lrs[0] == pytest.approx(BASE_LR * 0.01)
+    if plan.max_steps > 1 or plan.warmup_steps == 0:
+        assert recorder.lrs[-1] == pytest.approx(BASE_LR * 0.1)
+    # every batch of every epoch was seen, none twice within an epoch
+    assert len(recorder.batch_ids) == plan.batches_per_epoch * plan.epochs
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_short_last_window_gets_the_gradient_of_its_own_batches(tmp_path, scale):
+    # 40 samples, batch 8 -> 5 batches; accumulate 4 -> windows of 4 and 1 batches.
+    data_dir = write_shards(tmp_path, 40)
+    trainer, plan, recorder, model = fit(
+        data_dir, batch_size=8, drop_last=True, accumulate=4, limit=1.0, epochs=1,
+        warmup_fraction=0.0, scale=scale,
+    )
+    assert plan.steps_per_epoch == 2
+    # Recompute the last window's gradient by hand: the mean loss over its one batch,
+    # with the weights the model had before that step.
+    data = ShardDataModule(str(data_dir), batch_size=8, shuffle=False)
+    data.setup("fit")
+    by_id = {int(s["index"]): s for s in data.datasets["train"]}
+    from train_template.data import collate_samples
+
+    batch = collate_samples([by_id[i] for i in recorder.batch_ids[4]])
+    reference = ClassifierModule(MLP())
+    torch.manual_seed(0)
+    reference.network = MLP()
+    trainer_free = reference.network
+    # Replay: weights before step 2 = initial weights - lr_1 * grad_1 (plain SGD).
+    with torch.no_grad():
+        for (name, param), grad in zip(trainer_free.named_parameters(), recorder.grads[0].values(), strict=True):
+            param -= recorder.lrs[0] * grad
+    loss = torch.nn.functional.cross_entropy(trainer_free(batch["image"]), batch["label"])
+    loss.backward()
+    expected = {f"network.{n}": p.grad for n, p in trainer_free.named_parameters()}
+    factor = 1.0 if scale else 1.0 / 4  # unscaled, Lightning divides by the full window
+    for name, grad in recorder.grads[1].items():
+        torch.testing.assert_close(grad, expected[name] * factor, rtol=1e-5, atol=1e-6)
