@@ -175,7 +175,8 @@ class FiniteLossGuard(Callback):
 
 
 class SampleIdRecorder(Callback):
-    """Audit trail: which sample ids each training batch held, per rank, as JSON lines.
+    """Audit trail: which sample ids each training batch held, per rank, as JSON lines,
+    and the plan each rank made (``plan-rank<R>.json``).
 
     A resumed run appends to the same file; for each (epoch, batch) the last line
     written is what the finished run trained on.
@@ -188,10 +189,22 @@ class SampleIdRecorder(Callback):
         """
         self.out_dir = out_dir
         self._lr: float | None = None
+        self._plan_written = False
+
+    def _write_plan(self, trainer: pl.Trainer) -> None:
+        # At the first batch: the plan callback's on_train_start may run after ours.
+        plans = [cb.plan for cb in trainer.callbacks if isinstance(cb, TrainingPlanCallback)]
+        if plans and plans[0] is not None:
+            path = Path(self.out_dir) / f"plan-rank{trainer.global_rank}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(plans[0].to_json())
+        self._plan_written = True
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if not self._plan_written:
+            self._write_plan(trainer)
         # The LR the optimizer step of this batch's window uses: the scheduler only
         # steps after on_train_batch_end of the window's last batch.
         self._lr = trainer.optimizers[0].param_groups[0]["lr"]

@@ -8,13 +8,18 @@ process killed mid-write never leaves a partial file under a checkpoint's name
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -84,3 +89,51 @@ def _numpy_state_to_safe(state: tuple) -> dict[str, Any]:
 def _numpy_state_from_safe(state: dict[str, Any]) -> tuple:
     keys = state["keys"].numpy().astype(np.uint32)
     return (state["name"], keys, state["position"], state["has_gauss"], state["cached_gaussian"])
+
+
+class SaveOnPreemption(Callback):
+    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: save at the next step
+    boundary, requeue the SLURM job on SIGUSR1, and exit.
+
+    Lightning's own SLURM handler saves from inside the signal handler, which can land
+    in the middle of an optimizer step, and then keeps training. Here the handler only
+    records the signal; after the current batch every rank agrees through one
+    all-reduce (ranks may get the signal at different moments), all save ``last.ckpt``
+    at the same step, and the process leaves. A relaunch with ``--ckpt_path auto``
+    continues exactly (the save is a mid-epoch checkpoint like any other).
+    """
+
+    def __init__(self) -> None:
+        self._received: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self._record)
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self._received = signum
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        received = torch.tensor([self._received or 0])
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
+        signum = int(received.item())
+        if not signum:
+            return
+        checkpoint = trainer.checkpoint_callback
+        directory = Path(checkpoint.dirpath if checkpoint and checkpoint.dirpath else trainer.default_root_dir)
+        path = directory / "last.ckpt"
+        trainer.save_checkpoint(path)
+        name = signal.Signals(signum).name
+        rank_zero_info(f"{name}: saved {path} at step {trainer.global_step}; resume with --ckpt_path auto")
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if signum == signal.SIGUSR1 and job_id and trainer.is_global_zero:
+            array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+            if array_job:
+                job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            result = subprocess.call(["scontrol", "requeue", job_id])
+            rank_zero_info(f"scontrol requeue {job_id}: exit status {result}")
+        raise SystemExit(0 if signum == signal.SIGUSR1 else 128 + signum)

@@ -27,7 +27,7 @@ from train_template.callbacks import (
     StreamingResumeGuard,
     TrainingPlanCallback,
 )
-from train_template.checkpointing import RNGStateCallback, RunCheckpoint
+from train_template.checkpointing import RNGStateCallback, RunCheckpoint, SaveOnPreemption
 from train_template.data import ShardDataModule
 from train_template.errors import UserError
 from train_template.module import ClassifierModule
@@ -57,6 +57,7 @@ class TemplateCLI(LightningCLI):
                 "callbacks": [
                     StreamingResumeGuard(),
                     RNGStateCallback(),
+                    SaveOnPreemption(),
                     FiniteLossGuard(),
                     PredictionWriter(),
                 ]
@@ -98,6 +99,13 @@ class TemplateCLI(LightningCLI):
             }
         if self.subcommand != "plan":
             launch.check_environment(trainer.devices, trainer.num_nodes)
+            if launch.in_slurm_job() and not trainer.plugins:
+                # SaveOnPreemption saves and requeues at a step boundary instead of
+                # Lightning's save from inside the signal handler.
+                trainer.plugins = [{
+                    "class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment",
+                    "init_args": {"auto_requeue": False},
+                }]
             config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), config.checkpoint.dirpath)
 
     def instantiate_trainer(self, **kwargs: Any):

@@ -31,12 +31,17 @@ def requested_world_size(devices, num_nodes: int) -> int | None:
     return None
 
 
+def in_slurm_job(environ: Mapping[str, str] = os.environ) -> bool:
+    """True where Lightning's SLURMEnvironment would take over (not an interactive shell)."""
+    return "SLURM_NTASKS" in environ and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
 def check_environment(devices, num_nodes: int, environ: Mapping[str, str] = os.environ) -> None:
     """Raise UserError when the launcher and the Trainer settings cannot work together."""
     want = requested_world_size(devices, num_nodes)
     slurm_tasks = environ.get("SLURM_NTASKS")
     in_slurm_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
-    if "SLURM_JOB_ID" in environ and slurm_tasks and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+    if in_slurm_job(environ):
         if not in_slurm_step and int(slurm_tasks) > 1:
             raise UserError(
                 f"this SLURM job has {slurm_tasks} tasks but the script was not started with srun: "
