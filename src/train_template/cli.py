@@ -107,6 +107,8 @@ class TemplateCLI(LightningCLI):
                     "init_args": {"auto_requeue": False},
                 }]
             config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), config.checkpoint.dirpath)
+            if self.subcommand == "fit" and config.ckpt_path is None:
+                refuse_to_overwrite(config.checkpoint.dirpath)
 
     def instantiate_trainer(self, **kwargs: Any):
         # The dry run plans for world sizes this machine may not have: no Trainer.
@@ -135,11 +137,43 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
                 "use --ckpt_path auto to start fresh when nothing was saved yet"
             )
         return str(last)
-    if ckpt_path in ("best", "hpc", "registry") or "://" in ckpt_path:
+    if ckpt_path == "best":
+        return best_checkpoint(last)
+    if ckpt_path in ("hpc", "registry") or "://" in ckpt_path:
         return ckpt_path
     if not Path(ckpt_path).is_file():
         raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
     return ckpt_path
+
+
+def best_checkpoint(last: Path) -> str:
+    """The best checkpoint recorded by the checkpoint callback's state in last.ckpt."""
+    import torch
+
+    if not last.is_file():
+        raise UserError(f"--ckpt_path best: there is no {last} to read the best checkpoint from")
+    callbacks = torch.load(last, weights_only=True, map_location="cpu").get("callbacks", {})
+    paths = [
+        state.get("best_model_path")
+        for key, state in callbacks.items()
+        if key.startswith(RunCheckpoint.__name__) and isinstance(state, dict)
+    ]
+    best = next((p for p in paths if p and Path(p).is_file()), None)
+    if best is None:
+        raise UserError(
+            f"--ckpt_path best: {last} records no existing best checkpoint: use --ckpt_path last"
+        )
+    return best
+
+
+def refuse_to_overwrite(checkpoint_dir: str) -> None:
+    """A fresh fit must not replace an earlier run's checkpoints of the same names."""
+    directory = Path(checkpoint_dir)
+    if directory.is_dir() and any(directory.glob("*.ckpt")):
+        raise UserError(
+            f"{directory} already holds checkpoints of an earlier run: resume it with "
+            "--ckpt_path last (or auto), or start a new run with another --trainer.default_root_dir"
+        )
 
 
 def main(args: list[str] | None = None) -> None:

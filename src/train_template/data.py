@@ -155,6 +155,9 @@ class ShardDataModule(pl.LightningDataModule):
             drop_last=self.drop_last and training,
             collate_fn=collate_samples,
             persistent_workers=self.num_workers > 0 and training,
+            # Its own generator: each iter() of a DataLoader otherwise draws a seed from
+            # the global torch RNG, which would shift dropout after an epoch-end resume.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> StreamingDataLoader:

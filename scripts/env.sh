@@ -1,0 +1,13 @@
+# Sourced by quickstart.sh and test.sh: makes sure uv exists and .venv matches uv.lock.
+# Needs only Python 3.10+ with pip; uv is installed with pip when it is missing.
+if command -v uv >/dev/null 2>&1; then
+  uv() { command uv "$@"; }
+else
+  if ! python3 -m uv --version >/dev/null 2>&1; then
+    echo "installing uv with pip ..."
+    python3 -m pip install --quiet uv || python3 -m pip install --quiet --user uv
+  fi
+  uv() { python3 -m uv "$@"; }
+fi
+echo "syncing .venv with uv.lock (the first time downloads PyTorch, several GB) ..."
+uv sync --locked
