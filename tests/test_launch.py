@@ -96,7 +96,7 @@ def slurm_env(tmp_path: Path, run_dir: Path, tasks: int = 2) -> dict:
 
 
 def sbatch_cmd(run_dir: Path, data: Path, *extra: str) -> list[str]:
-    args = fit_args(run_dir, data, *extra)
+    args = fit_args(run_dir, data, *extra)[1:]  # the script adds "fit" itself
     config_index = args.index("--config")
     return ["bash", str(REPO / "scripts" / "slurm" / "train.sbatch"), args[config_index + 1],
             *args[:config_index], *args[config_index + 2:]]
@@ -122,7 +122,8 @@ def test_slurm_preemption_saves_requeues_and_resumes_exactly(tmp_path, shards):
     while not samples.exists() or len(samples.read_text().splitlines()) < 16:  # mid epoch 1 of 12 steps
         assert job.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    ranks = subprocess.run(["pgrep", "-g", str(job.pid), "-f", "train.py fit"], capture_output=True, text=True)
+    ranks = subprocess.run(["pgrep", "-g", str(job.pid), "-f", f"^{sys.executable} .*train.py fit"],
+                           capture_output=True, text=True)
     for pid in ranks.stdout.split():
         os.kill(int(pid), signal.SIGUSR1)  # what SLURM's --signal=SIGUSR1@90 does to every task
     assert job.wait(timeout=120) == 0

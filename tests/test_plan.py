@@ -75,7 +75,6 @@ def test_sample_budget_covers_the_samples(batches, accumulate, samples):
         ({"max_steps": 10, "max_samples": 100}, "keep only one training length"),
         ({"max_epochs": None}, "no training length"),
         ({"warmup": WarmupSetting(steps=30)}, "warmup (30 steps) is not shorter than training (30 steps)"),
-        ({"warmup": WarmupSetting(steps=1, fraction=0.1)}, "warmup is set more than once"),
         ({"warmup": WarmupSetting(fraction=1.5)}, "outside [0, 1)"),
     ],
 )
@@ -92,6 +91,8 @@ def test_warmup_units():
     assert make_plan(**base, warmup=WarmupSetting(steps=7)).warmup_steps == 7
     assert make_plan(**base, warmup=WarmupSetting(fraction=0.1)).warmup_steps == 2  # 10% of 20
     assert make_plan(**base, warmup=WarmupSetting(epochs=1.5)).warmup_steps == 6  # 1.5 x 4
+    # most specific wins, so a config's default fraction can be overridden by steps
+    assert make_plan(**base, warmup=WarmupSetting(steps=3, fraction=0.5)).warmup_steps == 3
 
 
 @given(

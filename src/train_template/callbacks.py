@@ -174,6 +174,20 @@ class FiniteLossGuard(Callback):
             )
 
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # A finite loss can still be followed by an update that makes weights inf/NaN;
+        # never let such weights replace the last good checkpoint.
+        bad = [n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise UserError(
+                f"the weights became non-finite ({bad[0]}) at global step {trainer.global_step}: "
+                "lower the learning rate (--model.optimizer.init_args.lr) or set "
+                "--trainer.gradient_clip_val; the last good checkpoint is kept"
+            )
+
+
 class SampleIdRecorder(Callback):
     """Audit trail: which sample ids each training batch held, per rank, as JSON lines,
     and the plan each rank made (``plan-rank<R>.json``).

@@ -23,21 +23,33 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that keeps ``last.ckpt`` current at every epoch end.
+    """ModelCheckpoint whose ``last.ckpt`` is always the latest save point.
 
-    Stock ModelCheckpoint saves either every N train steps or every N epochs, never
-    both; with ``every_n_train_steps`` alone a run that ends between two multiples of N
-    leaves a stale ``last.ckpt``. This also refreshes ``last.ckpt`` at each epoch end
-    (and so at the end of training).
+    Stock ModelCheckpoint refreshes ``last.ckpt`` only when it also saved a top-k
+    checkpoint at that step, so with ``monitor``/``save_top_k`` a run whose metric
+    stops improving keeps an old ``last.ckpt`` and a resume or requeue replays work.
+    It also saves either every N train steps or every N epochs, never both. Here
+    ``last.ckpt`` is refreshed at every step trigger and at every epoch end.
     """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step_trigger = (
+            self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        )
+        if step_trigger:
+            self._refresh_last(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if (
-            self.save_last
-            and self._every_n_train_steps > 0
-            and not self._should_skip_saving_checkpoint(trainer)
-        ):
+        self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        # Skipped when this step was saved already (then last.ckpt is current).
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 

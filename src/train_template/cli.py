@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from train_template import launch
@@ -92,6 +93,12 @@ class TemplateCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             # Fixed across relaunches: a new logger version must not hide last.ckpt.
             config.checkpoint.dirpath = str(Path(root) / "checkpoints")
+        if trainer.accumulate_grad_batches is not None and trainer.accumulate_grad_batches < 1:
+            raise UserError(
+                f"--trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: must be at least 1"
+            )
+        if self.subcommand != "plan":
+            check_writable(root)
         if trainer.logger in (None, True):
             trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -107,12 +114,20 @@ class TemplateCLI(LightningCLI):
                     "init_args": {"auto_requeue": False},
                 }]
             config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), config.checkpoint.dirpath)
-            if self.subcommand == "fit" and config.ckpt_path is None:
-                refuse_to_overwrite(config.checkpoint.dirpath)
 
     def instantiate_trainer(self, **kwargs: Any):
         # The dry run plans for world sizes this machine may not have: no Trainer.
         return None if self.subcommand == "plan" else super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would torch.load the checkpoint while parsing (a traceback for a
+        # damaged file) to merge saved hyperparameters; the module saves none, and
+        # resolve_ckpt_path validates the file.
+        return None
+
+    def before_fit(self) -> None:
+        if self.config["fit"].get("ckpt_path") is None:
+            refuse_to_overwrite(self.config["fit"].checkpoint.dirpath)
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "plan":
@@ -129,13 +144,17 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
         return None
     last = Path(checkpoint_dir) / "last.ckpt"
     if ckpt_path == "auto":
-        return str(last) if last.is_file() else None
+        if not last.is_file():
+            return None
+        check_checkpoint_file(last)
+        return str(last)
     if ckpt_path == "last":
         if not last.is_file():
             raise UserError(
                 f"--ckpt_path last: there is no {last}: check --trainer.default_root_dir, or "
                 "use --ckpt_path auto to start fresh when nothing was saved yet"
             )
+        check_checkpoint_file(last)
         return str(last)
     if ckpt_path == "best":
         return best_checkpoint(last)
@@ -143,6 +162,7 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
         return ckpt_path
     if not Path(ckpt_path).is_file():
         raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    check_checkpoint_file(Path(ckpt_path))
     return ckpt_path
 
 
@@ -166,6 +186,37 @@ def best_checkpoint(last: Path) -> str:
     return best
 
 
+def check_checkpoint_file(path: Path) -> None:
+    """A torch checkpoint is a zip archive: a truncated or damaged one fails to open."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                raise zipfile.BadZipFile("no data.pkl")
+    except (zipfile.BadZipFile, OSError) as error:
+        raise UserError(
+            f"checkpoint {path} is truncated or corrupt ({error}): resume from an earlier "
+            f"checkpoint in {path.parent} with --ckpt_path <file>"
+        ) from None
+
+
+def check_writable(root: str) -> None:
+    """Fail before any work when the run directory cannot be created or written."""
+    if "://" in root:
+        return
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        probe = Path(root) / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(
+            f"--trainer.default_root_dir={root} is not writable ({error.strerror}): "
+            "choose a directory you can write to"
+        ) from None
+
+
 def refuse_to_overwrite(checkpoint_dir: str) -> None:
     """A fresh fit must not replace an earlier run's checkpoints of the same names."""
     directory = Path(checkpoint_dir)
@@ -182,9 +233,13 @@ def main(args: list[str] | None = None) -> None:
         TemplateCLI(args=args, parser_kwargs={"exit_on_error": False})
     except UserError as error:
         _fail(str(error))
+    except MisconfigurationException as error:  # Lightning's own "fix your settings" errors
+        _fail(" ".join(str(error).split()))
     except Exception as error:  # jsonargparse reports bad options with its own type
         if type(error).__name__ == "ArgumentError":
-            _fail(str(error).strip().splitlines()[0])
+            # jsonargparse explains over several indented lines; keep them on one.
+            message = " ".join(line.strip() for line in str(error).strip().splitlines())
+            _fail(message if len(message) < 400 else message[:397] + "...")
         raise
 
 

@@ -100,6 +100,28 @@ class ShardDataModule(pl.LightningDataModule):
             )
         return str(path / split)
 
+    def check_shards(self, split_dir: str) -> None:
+        """Catch missing or truncated chunk files before training instead of mid-epoch."""
+        if "://" in split_dir:
+            return
+        try:
+            index = json.loads((Path(split_dir) / "index.json").read_text())
+            chunks = index["chunks"]
+        except (json.JSONDecodeError, KeyError, OSError) as error:
+            raise UserError(
+                f"{split_dir}/index.json is unreadable ({error}): rebuild the shards with "
+                "scripts/prepare_data.py --force"
+            ) from None
+        for chunk in chunks:
+            path = Path(split_dir) / chunk["filename"]
+            size = path.stat().st_size if path.is_file() else -1
+            if size != chunk["chunk_bytes"]:
+                found = "missing" if size < 0 else f"{size} bytes, expected {chunk['chunk_bytes']}"
+                raise UserError(
+                    f"shard {path} is corrupt ({found}): rebuild the shards with "
+                    "scripts/prepare_data.py --force"
+                )
+
     def metadata(self) -> dict:
         """``dataset.json`` written by the preparation script (image shape, classes, counts)."""
         path = Path(self.data_dir) / "dataset.json"
@@ -107,9 +129,11 @@ class ShardDataModule(pl.LightningDataModule):
 
     def make_dataset(self, split: str) -> StreamingDataset:
         training = split == "train"
+        split_dir = self.split_dir(split)
+        self.check_shards(split_dir)
         try:
             dataset = StreamingDataset(
-                self.split_dir(split),
+                split_dir,
                 shuffle=self.shuffle and training,
                 # Always explicit: litdata would otherwise force drop_last on in DDP.
                 drop_last=self.drop_last and training,

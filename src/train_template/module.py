@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from train_template.errors import UserError
 from train_template.plan import TrainingPlan, accumulation_window_size
 from train_template.schedule import LRSchedule, PlannedLRLambda
 
@@ -82,6 +83,25 @@ class ClassifierModule(pl.LightningModule):
             ):
                 group["lr"] = base_lr * factor
             scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning's strict load would stop with a multi-line key dump; name the mismatch.
+        mine = self.state_dict()
+        theirs = checkpoint.get("state_dict", {})
+        missing = sorted(set(mine) - set(theirs))
+        unexpected = sorted(set(theirs) - set(mine))
+        resized = [k for k in mine if k in theirs and mine[k].shape != theirs[k].shape]
+        if missing or unexpected or resized:
+            detail = (
+                f"missing {missing[:3]}" if missing
+                else f"unexpected {unexpected[:3]}" if unexpected
+                else f"{resized[0]} is {tuple(theirs[resized[0]].shape)} there, "
+                f"{tuple(mine[resized[0]].shape)} here"
+            )
+            raise UserError(
+                f"the checkpoint holds a different model ({detail}): use a checkpoint of this "
+                "model, or the --model settings it was trained with"
+            )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])

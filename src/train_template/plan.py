@@ -33,21 +33,23 @@ class PlanError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class WarmupSetting:
-    """Warmup given in exactly one unit; converted to optimizer steps by the plan."""
+    """Warmup in optimizer steps, epochs or a fraction of the run; converted to steps."""
 
     steps: int | None = None
     fraction: float | None = None
     epochs: float | None = None
 
     def to_steps(self, max_steps: int, steps_per_epoch: int) -> int:
-        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        if len(given) > 1:
-            names = ", ".join(f"--plan.warmup_{k}" for k in given)
-            raise PlanError(f"warmup is set more than once ({names}): keep only one of them")
+        """Most specific unit wins: steps, then epochs, then fraction (a config's default
+        fraction stays overridable from the command line)."""
         if self.steps is not None:
             if self.steps < 0:
                 raise PlanError(f"--plan.warmup_steps={self.steps} is negative: use 0 or more")
             return self.steps
+        if self.epochs is not None:
+            if self.epochs < 0:
+                raise PlanError(f"--plan.warmup_epochs={self.epochs} is negative: use 0 or more")
+            return math.ceil(self.epochs * steps_per_epoch)
         if self.fraction is not None:
             if not 0 <= self.fraction < 1:
                 raise PlanError(
@@ -55,10 +57,6 @@ class WarmupSetting:
                     "use a fraction of the run, e.g. 0.05"
                 )
             return int(round(self.fraction * max_steps))
-        if self.epochs is not None:
-            if self.epochs < 0:
-                raise PlanError(f"--plan.warmup_epochs={self.epochs} is negative: use 0 or more")
-            return math.ceil(self.epochs * steps_per_epoch)
         return 0
 
 

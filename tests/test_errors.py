@@ -1,0 +1,139 @@
+"""The bad-input and fault catalogue (docs/errors.md): every row through the real CLI.
+
+Each case asserts the exit status, the one-line message (no traceback) and that the
+files of an earlier run (checkpoints, config, logs) are byte-for-byte unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run, train_cmd, write_shards
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """An earlier, finished run on tiny shards, plus the odd inputs the cases need."""
+    root = tmp_path_factory.mktemp("errors")
+    data = write_shards(root / "data", 96)
+    earlier = root / "earlier"
+    run(train_cmd("fit", earlier, data, "--trainer.max_epochs", "1", "--data.batch_size", "16"))
+    bad = {
+        "no_shards": root / "empty-dir",
+        "small": write_shards(root / "small", 5),
+        "corrupt_shard": root / "corrupt-shard",
+        "corrupt_index": root / "corrupt-index",
+        "truncated_ckpt": root / "truncated.ckpt",
+        "bad_yaml": root / "bad.yaml",
+        "not_a_dir": root / "a-file",
+    }
+    bad["no_shards"].mkdir()
+    for name in ("corrupt_shard", "corrupt_index"):
+        shutil.copytree(data, bad[name])
+    chunk = next((bad["corrupt_shard"] / "train").glob("*.bin"))
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    (bad["corrupt_index"] / "train" / "index.json").write_text("{not json")
+    last = (earlier / "checkpoints" / "last.ckpt").read_bytes()
+    bad["truncated_ckpt"].write_bytes(last[: len(last) // 2])
+    bad["bad_yaml"].write_text("data:\n  batch_sise: 8\n")
+    bad["not_a_dir"].write_text("")
+    return {"data": data, "earlier": earlier, **bad}
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+RESUME = ["--ckpt_path", "last", "--trainer.max_epochs", "1", "--data.batch_size", "16"]
+SLURM = {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "x"}
+
+# (id, root: "earlier" or "fresh", data key, extra args, env, expected message)
+CASES = [
+    ("unknown-option", "earlier", "data", ["--trainer.no_such 1"], {}, "unrecognized arguments: --trainer.no_such"),
+    ("unknown-config-key", "earlier", "data", ["--config {bad_yaml}"], {}, "batch_sise"),
+    ("wrong-type", "earlier", "data", ["--data.batch_size abc"], {}, 'Parser key "data.batch_size": Expected a <class \'int\'>'),
+    ("unknown-class", "earlier", "data", ["--model.network.class_path no.such.Net"], {}, "No module named 'no'"),
+    ("batch-size-zero", "earlier", "data", ["--data.batch_size 0"], {}, "--data.batch_size=0: the batch size must be at least 1"),
+    ("batch-size-negative", "earlier", "data", ["--data.batch_size -4"], {}, "--data.batch_size=-4"),
+    ("accumulate-zero", "earlier", "data", ["--trainer.accumulate_grad_batches 0"], {}, "--trainer.accumulate_grad_batches=0: must be at least 1"),
+    ("data-dir-missing", "fresh", "nowhere", [], {}, "does not exist: run `python scripts/prepare_data.py"),
+    ("data-dir-without-shards", "fresh", "no_shards", [], {}, "holds no litdata shards for 'train'"),
+    ("fewer-samples-than-a-batch", "fresh", "small", ["--data.batch_size 8 --data.drop_last true"], {}, "fewer than one batch"),
+    ("corrupt-shard", "fresh", "corrupt_shard", [], {}, "is corrupt (100 bytes, expected"),
+    ("corrupt-index", "fresh", "corrupt_index", [], {}, "index.json is unreadable"),
+    ("truncated-checkpoint", "earlier", "data", ["--ckpt_path {truncated_ckpt}"], {}, "is truncated or corrupt"),
+    ("checkpoint-of-another-model", "earlier", "data", [*RESUME, "--model.network.init_args.width 16"], {}, "the checkpoint holds a different model"),
+    ("ckpt-last-without-checkpoint", "fresh", "data", ["--ckpt_path last"], {}, "--ckpt_path last: there is no"),
+    ("resume-changed-seed", "earlier", "data", [*RESUME, "--data.seed 7"], {}, "--data.seed 42 -> 7"),
+    ("resume-changed-shuffle", "earlier", "data", [*RESUME, "--data.shuffle false"], {}, "--data.shuffle True -> False"),
+    ("resume-changed-num-workers", "earlier", "data", [*RESUME, "--data.num_workers 1"], {}, "--data.num_workers 0 -> 1"),
+    ("resume-changed-batch-size", "earlier", "data", ["--ckpt_path last --trainer.max_epochs 1 --data.batch_size 8"], {}, "--data.batch_size 16 -> 8"),
+    ("resume-changed-length", "earlier", "data", ["--ckpt_path last --trainer.max_epochs 3 --data.batch_size 16"], {}, "the checkpoint was trained with another plan (max_steps 6 -> 18"),
+    ("fresh-fit-over-earlier-run", "earlier", "data", [], {}, "already holds checkpoints of an earlier run"),
+    ("slurm-tasks-not-devices", "earlier", "data", [], SLURM, "SLURM started 2 tasks but --trainer.devices x --trainer.num_nodes = 1 x 1 = 1"),
+    ("warmup-longer-than-training", "fresh", "data", ["--trainer.max_epochs 1 --plan.warmup_steps 50"], {}, "warmup (50 steps) is not shorter than training (3 steps)"),
+    ("conflicting-lengths", "fresh", "data", ["--trainer.max_steps 5 --plan.max_samples 100"], {}, "keep only one training length"),
+    ("output-not-writable", "not_a_dir", "data", [], {}, "is not writable"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_catalogue_row(tmp_path, world, case):
+    _, root, data_key, extra, env, message = case
+    run_dir = {"earlier": world["earlier"], "fresh": tmp_path / "fresh", "not_a_dir": world["not_a_dir"] / "run"}[root]
+    data = world.get(data_key, tmp_path / "nowhere")
+    args = " ".join(extra).format(**{k: v for k, v in world.items()}).split()
+    before = digest(world["earlier"])
+    result = run(train_cmd("fit", run_dir, data, *args), env=env, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    after = digest(world["earlier"])  # a failed run may add its own log folder, never touch ours
+    assert {name: after.get(name) for name in before} == before
+
+
+def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path, world):
+    run_dir = tmp_path / "nan"
+    result = run(train_cmd("fit", run_dir, world["data"], "--model.optimizer.init_args.lr", "1e30",
+                           "--checkpoint.every_n_train_steps", "1", "--data.batch_size", "16"), check=False)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "non-finite" in line or "training loss is" in line
+    assert "the last good checkpoint is kept" in line
+    for path in (run_dir / "checkpoints").glob("*.ckpt"):
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values()), path.name
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, world):
+    run_dir = tmp_path / "term"
+    args = ["--trainer.max_epochs", "30", "--data.batch_size", "16"]
+    proc = subprocess.Popen(train_cmd("fit", run_dir, world["data"], *args), cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists():  # the end of epoch 1: training is under way
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "SIGTERM: saved" in output and "Traceback" not in output
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 6 <= step < 180
+    resumed = run(train_cmd("fit", run_dir, world["data"], *args, "--ckpt_path", "last"))
+    assert "max_steps=180" in resumed.stdout + resumed.stderr
+    assert torch.load(last, weights_only=True)["global_step"] == 180
+    os.remove(last)
