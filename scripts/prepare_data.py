@@ -1,7 +1,7 @@
 """Build the litdata shards the configs train on (idempotent; --force rebuilds).
 
-    python scripts/prepare_data.py                          # embedded digits -> data/digits
-    python scripts/prepare_data.py --source my.npz --out data/mine
+python scripts/prepare_data.py                          # embedded digits -> data/digits
+python scripts/prepare_data.py --source my.npz --out data/mine
 """
 
 from __future__ import annotations
@@ -16,15 +16,28 @@ from train_template.data_prep import SplitSettings, prepare  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--source", default="digits", help="'digits' or an .npz with images and labels")
-    parser.add_argument("--out", default="data/digits", help="output directory for train/val/test shards")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--source", default="digits", help="'digits' or an .npz with images and labels"
+    )
+    parser.add_argument(
+        "--out", default="data/digits", help="output directory for train/val/test shards"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--test-fraction", type=float, default=0.1)
-    parser.add_argument("--num-workers", type=int, default=1, help="litdata.optimize workers (0: write in this process, no workers)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="litdata.optimize workers (0: write in this process, no workers)",
+    )
     parser.add_argument("--chunk-bytes", default="16MB", help="target size of one shard file")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the shards are up to date")
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild even if the shards are up to date"
+    )
     args = parser.parse_args(argv)
     settings = SplitSettings(args.seed, args.val_fraction, args.test_fraction)
     try:

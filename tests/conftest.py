@@ -10,6 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# CI replays the same examples every run; local runs keep exploring new ones.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -48,22 +54,34 @@ def write_shards(root: Path, num_train: int, num_val: int = 16, num_test: int = 
     return root
 
 
-def train_cmd(subcommand: str, run_dir: Path, data_dir: Path, *args: str, config: str = "default") -> list[str]:
+def train_cmd(
+    subcommand: str, run_dir: Path, data_dir: Path, *args: str, config: str = "default"
+) -> list[str]:
     return [
-        PYTHON, str(REPO / "train.py"), subcommand,
-        "--config", str(REPO / "configs" / f"{config}.yaml"),
-        "--data.data_dir", str(data_dir),
-        "--trainer.default_root_dir", str(run_dir),
-        "--trainer.enable_progress_bar", "false",
+        PYTHON,
+        str(REPO / "train.py"),
+        subcommand,
+        "--config",
+        str(REPO / "configs" / f"{config}.yaml"),
+        "--data.data_dir",
+        str(data_dir),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.enable_progress_bar",
+        "false",
         *args,
     ]
 
 
 def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

@@ -15,9 +15,21 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_parses_through_the_real_cli(config):
-    result = run([*train_cmd("fit", Path("/tmp/unused"), Path("data/digits"))[:3], "--config", str(config), "--print_config"])
+    result = run(
+        [
+            *train_cmd("fit", Path("/tmp/unused"), Path("data/digits"))[:3],
+            "--config",
+            str(config),
+            "--print_config",
+        ]
+    )
     printed = result.stdout
-    assert "model:" in printed and "data:" in printed and "checkpoint:" in printed and "plan:" in printed
+    assert (
+        "model:" in printed
+        and "data:" in printed
+        and "checkpoint:" in printed
+        and "plan:" in printed
+    )
 
 
 def test_embedded_default_trains_to_95_percent_and_predicts(tmp_path, digits_dir):
@@ -25,28 +37,61 @@ def test_embedded_default_trains_to_95_percent_and_predicts(tmp_path, digits_dir
     run(train_cmd("fit", run_dir, digits_dir), timeout=600)
     plan = load_plan(run_dir)
     assert plan["max_steps"] == plan["steps_per_epoch"] * plan["epochs"] == 45 * 15
-    metrics = list(csv.DictReader(open(sorted((run_dir / "logs").glob("version_*/metrics.csv"))[-1])))
+    metrics = list(
+        csv.DictReader(open(sorted((run_dir / "logs").glob("version_*/metrics.csv"))[-1]))
+    )
     lr_steps = {row["step"] for row in metrics if row.get("lr-AdamW")}
     assert len(lr_steps) == plan["max_steps"]  # one LR per optimizer step
 
     tested = run(train_cmd("test", run_dir, digits_dir, "--ckpt_path", "last"))
-    accuracy = float(next(line.split()[-1] for line in tested.stdout.splitlines() if "test/acc" in line))
+    accuracy = float(
+        next(line.split()[-1] for line in tested.stdout.splitlines() if "test/acc" in line)
+    )
     assert accuracy >= 0.95
 
     run(train_cmd("predict", run_dir, digits_dir, "--ckpt_path", "last"))
-    rows = list(csv.DictReader(open(sorted((run_dir / "logs").glob("version_*/predictions.csv"))[-1])))
+    rows = list(
+        csv.DictReader(open(sorted((run_dir / "logs").glob("version_*/predictions.csv"))[-1]))
+    )
     assert len(rows) == 180 and {int(r["prediction"]) for r in rows} <= set(range(10))
 
 
 @pytest.mark.parametrize("devices", [1, 2])
 def test_dry_run_plan_equals_the_plan_of_a_real_fit(tmp_path, digits_dir, devices):
-    args = ["--trainer.max_epochs", "2", "--trainer.accumulate_grad_batches", "3", "--data.drop_last", "true"]
-    dry = run([*train_cmd("plan", tmp_path / "dry", digits_dir, *args, config="ddp"),
-               "--trainer.devices", str(devices), "--trainer.accelerator", "cpu", "--json", "true"])
-    dry_plan = json.loads(dry.stdout[dry.stdout.index("{"):])
+    args = [
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.accumulate_grad_batches",
+        "3",
+        "--data.drop_last",
+        "true",
+    ]
+    dry = run(
+        [
+            *train_cmd("plan", tmp_path / "dry", digits_dir, *args, config="ddp"),
+            "--trainer.devices",
+            str(devices),
+            "--trainer.accelerator",
+            "cpu",
+            "--json",
+            "true",
+        ]
+    )
+    dry_plan = json.loads(dry.stdout[dry.stdout.index("{") :])
     if devices == 1:  # the 2-process fit is covered by the DDP tests below
-        run(train_cmd("fit", tmp_path / "fit", digits_dir, *args, "--trainer.devices", "1",
-                      "--trainer.accelerator", "cpu", config="ddp"))
+        run(
+            train_cmd(
+                "fit",
+                tmp_path / "fit",
+                digits_dir,
+                *args,
+                "--trainer.devices",
+                "1",
+                "--trainer.accelerator",
+                "cpu",
+                config="ddp",
+            )
+        )
         assert load_plan(tmp_path / "fit") == dry_plan
     else:
         assert dry_plan["world_size"] == 2 and dry_plan["batches_per_epoch"] == 1437 // 2 // 32
@@ -54,8 +99,19 @@ def test_dry_run_plan_equals_the_plan_of_a_real_fit(tmp_path, digits_dir, device
 
 def test_dry_run_for_a_cluster_this_machine_does_not_have(tmp_path, digits_dir):
     png = tmp_path / "lr.png"
-    result = run([*train_cmd("plan", tmp_path, digits_dir, config="ddp"), "--trainer.devices", "8",
-                  "--trainer.num_nodes", "4", "--data.batch_size", "4", "--lr_curve", str(png)])
+    result = run(
+        [
+            *train_cmd("plan", tmp_path, digits_dir, config="ddp"),
+            "--trainer.devices",
+            "8",
+            "--trainer.num_nodes",
+            "4",
+            "--data.batch_size",
+            "4",
+            "--lr_curve",
+            str(png),
+        ]
+    )
     assert "32 (4 node(s) x 8 device(s))" in result.stdout
     assert png.stat().st_size > 1000
 
@@ -67,7 +123,10 @@ def test_dry_run_for_a_cluster_this_machine_does_not_have(tmp_path, digits_dir):
         (["--data.batch_size", "0"], "--data.batch_size=0"),
         (["--trainer.accumulate_grad_batches", "0"], "accumulate_grad_batches"),
         (["--plan.warmup_steps", "100000"], "warmup (100000 steps) is not shorter than training"),
-        (["--trainer.max_steps", "10", "--plan.max_samples", "100"], "keep only one training length"),
+        (
+            ["--trainer.max_steps", "10", "--plan.max_samples", "100"],
+            "keep only one training length",
+        ),
         (["--no_such_option", "1"], "no_such_option"),
     ],
 )
@@ -81,4 +140,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, digits_dir, args, 
 
 def test_missing_data_dir_names_the_fix(tmp_path):
     result = run(train_cmd("fit", tmp_path, tmp_path / "nowhere"), check=False)
-    assert result.returncode == 2 and "does not exist: run `python scripts/prepare_data.py" in result.stderr
+    assert (
+        result.returncode == 2
+        and "does not exist: run `python scripts/prepare_data.py" in result.stderr
+    )

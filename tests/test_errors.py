@@ -51,7 +51,8 @@ def world(tmp_path_factory):
 def digest(directory: Path) -> dict[str, str]:
     return {
         str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*")) if p.is_file()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -60,30 +61,177 @@ SLURM = {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "7", "SLURM_
 
 # (id, root: "earlier" or "fresh", data key, extra args, env, expected message)
 CASES = [
-    ("unknown-option", "earlier", "data", ["--trainer.no_such 1"], {}, "unrecognized arguments: --trainer.no_such"),
+    (
+        "unknown-option",
+        "earlier",
+        "data",
+        ["--trainer.no_such 1"],
+        {},
+        "unrecognized arguments: --trainer.no_such",
+    ),
     ("unknown-config-key", "earlier", "data", ["--config {bad_yaml}"], {}, "batch_sise"),
-    ("wrong-type", "earlier", "data", ["--data.batch_size abc"], {}, 'Parser key "data.batch_size": Expected a <class \'int\'>'),
-    ("unknown-class", "earlier", "data", ["--model.network.class_path no.such.Net"], {}, "No module named 'no'"),
-    ("batch-size-zero", "earlier", "data", ["--data.batch_size 0"], {}, "--data.batch_size=0: the batch size must be at least 1"),
-    ("batch-size-negative", "earlier", "data", ["--data.batch_size -4"], {}, "--data.batch_size=-4"),
-    ("accumulate-zero", "earlier", "data", ["--trainer.accumulate_grad_batches 0"], {}, "--trainer.accumulate_grad_batches=0: must be at least 1"),
-    ("data-dir-missing", "fresh", "nowhere", [], {}, "does not exist: run `python scripts/prepare_data.py"),
-    ("data-dir-without-shards", "fresh", "no_shards", [], {}, "holds no litdata shards for 'train'"),
-    ("fewer-samples-than-a-batch", "fresh", "small", ["--data.batch_size 8 --data.drop_last true"], {}, "fewer than one batch"),
+    (
+        "wrong-type",
+        "earlier",
+        "data",
+        ["--data.batch_size abc"],
+        {},
+        "Parser key \"data.batch_size\": Expected a <class 'int'>",
+    ),
+    (
+        "unknown-class",
+        "earlier",
+        "data",
+        ["--model.network.class_path no.such.Net"],
+        {},
+        "No module named 'no'",
+    ),
+    (
+        "batch-size-zero",
+        "earlier",
+        "data",
+        ["--data.batch_size 0"],
+        {},
+        "--data.batch_size=0: the batch size must be at least 1",
+    ),
+    (
+        "batch-size-negative",
+        "earlier",
+        "data",
+        ["--data.batch_size -4"],
+        {},
+        "--data.batch_size=-4",
+    ),
+    (
+        "accumulate-zero",
+        "earlier",
+        "data",
+        ["--trainer.accumulate_grad_batches 0"],
+        {},
+        "--trainer.accumulate_grad_batches=0: must be at least 1",
+    ),
+    (
+        "data-dir-missing",
+        "fresh",
+        "nowhere",
+        [],
+        {},
+        "does not exist: run `python scripts/prepare_data.py",
+    ),
+    (
+        "data-dir-without-shards",
+        "fresh",
+        "no_shards",
+        [],
+        {},
+        "holds no litdata shards for 'train'",
+    ),
+    (
+        "fewer-samples-than-a-batch",
+        "fresh",
+        "small",
+        ["--data.batch_size 8 --data.drop_last true"],
+        {},
+        "fewer than one batch",
+    ),
     ("corrupt-shard", "fresh", "corrupt_shard", [], {}, "is corrupt (100 bytes, expected"),
     ("corrupt-index", "fresh", "corrupt_index", [], {}, "index.json is unreadable"),
-    ("truncated-checkpoint", "earlier", "data", ["--ckpt_path {truncated_ckpt}"], {}, "is truncated or corrupt"),
-    ("checkpoint-of-another-model", "earlier", "data", [*RESUME, "--model.network.init_args.width 16"], {}, "the checkpoint holds a different model"),
-    ("ckpt-last-without-checkpoint", "fresh", "data", ["--ckpt_path last"], {}, "--ckpt_path last: there is no"),
-    ("resume-changed-seed", "earlier", "data", [*RESUME, "--data.seed 7"], {}, "--data.seed 42 -> 7"),
-    ("resume-changed-shuffle", "earlier", "data", [*RESUME, "--data.shuffle false"], {}, "--data.shuffle True -> False"),
-    ("resume-changed-num-workers", "earlier", "data", [*RESUME, "--data.num_workers 1"], {}, "--data.num_workers 0 -> 1"),
-    ("resume-changed-batch-size", "earlier", "data", ["--ckpt_path last --trainer.max_epochs 1 --data.batch_size 8"], {}, "--data.batch_size 16 -> 8"),
-    ("resume-changed-length", "earlier", "data", ["--ckpt_path last --trainer.max_epochs 3 --data.batch_size 16"], {}, "the checkpoint was trained with another plan (max_steps 6 -> 18"),
-    ("fresh-fit-over-earlier-run", "earlier", "data", [], {}, "already holds checkpoints of an earlier run"),
-    ("slurm-tasks-not-devices", "earlier", "data", [], SLURM, "SLURM started 2 tasks but --trainer.devices x --trainer.num_nodes = 1 x 1 = 1"),
-    ("warmup-longer-than-training", "fresh", "data", ["--trainer.max_epochs 1 --plan.warmup_steps 50"], {}, "warmup (50 steps) is not shorter than training (3 steps)"),
-    ("conflicting-lengths", "fresh", "data", ["--trainer.max_steps 5 --plan.max_samples 100"], {}, "keep only one training length"),
+    (
+        "truncated-checkpoint",
+        "earlier",
+        "data",
+        ["--ckpt_path {truncated_ckpt}"],
+        {},
+        "is truncated or corrupt",
+    ),
+    (
+        "checkpoint-of-another-model",
+        "earlier",
+        "data",
+        [*RESUME, "--model.network.init_args.width 16"],
+        {},
+        "the checkpoint holds a different model",
+    ),
+    (
+        "ckpt-last-without-checkpoint",
+        "fresh",
+        "data",
+        ["--ckpt_path last"],
+        {},
+        "--ckpt_path last: there is no",
+    ),
+    (
+        "resume-changed-seed",
+        "earlier",
+        "data",
+        [*RESUME, "--data.seed 7"],
+        {},
+        "--data.seed 42 -> 7",
+    ),
+    (
+        "resume-changed-shuffle",
+        "earlier",
+        "data",
+        [*RESUME, "--data.shuffle false"],
+        {},
+        "--data.shuffle True -> False",
+    ),
+    (
+        "resume-changed-num-workers",
+        "earlier",
+        "data",
+        [*RESUME, "--data.num_workers 1"],
+        {},
+        "--data.num_workers 0 -> 1",
+    ),
+    (
+        "resume-changed-batch-size",
+        "earlier",
+        "data",
+        ["--ckpt_path last --trainer.max_epochs 1 --data.batch_size 8"],
+        {},
+        "--data.batch_size 16 -> 8",
+    ),
+    (
+        "resume-changed-length",
+        "earlier",
+        "data",
+        ["--ckpt_path last --trainer.max_epochs 3 --data.batch_size 16"],
+        {},
+        "the checkpoint was trained with another plan (max_steps 6 -> 18",
+    ),
+    (
+        "fresh-fit-over-earlier-run",
+        "earlier",
+        "data",
+        [],
+        {},
+        "already holds checkpoints of an earlier run",
+    ),
+    (
+        "slurm-tasks-not-devices",
+        "earlier",
+        "data",
+        [],
+        SLURM,
+        "SLURM started 2 tasks but --trainer.devices x --trainer.num_nodes = 1 x 1 = 1",
+    ),
+    (
+        "warmup-longer-than-training",
+        "fresh",
+        "data",
+        ["--trainer.max_epochs 1 --plan.warmup_steps 50"],
+        {},
+        "warmup (50 steps) is not shorter than training (3 steps)",
+    ),
+    (
+        "conflicting-lengths",
+        "fresh",
+        "data",
+        ["--trainer.max_steps 5 --plan.max_samples 100"],
+        {},
+        "keep only one training length",
+    ),
     ("output-not-writable", "not_a_dir", "data", [], {}, "is not writable"),
 ]
 
@@ -91,7 +239,11 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_catalogue_row(tmp_path, world, case):
     _, root, data_key, extra, env, message = case
-    run_dir = {"earlier": world["earlier"], "fresh": tmp_path / "fresh", "not_a_dir": world["not_a_dir"] / "run"}[root]
+    run_dir = {
+        "earlier": world["earlier"],
+        "fresh": tmp_path / "fresh",
+        "not_a_dir": world["not_a_dir"] / "run",
+    }[root]
     data = world.get(data_key, tmp_path / "nowhere")
     args = " ".join(extra).format(**{k: v for k, v in world.items()}).split()
     before = digest(world["earlier"])
@@ -106,8 +258,20 @@ def test_catalogue_row(tmp_path, world, case):
 
 def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path, world):
     run_dir = tmp_path / "nan"
-    result = run(train_cmd("fit", run_dir, world["data"], "--model.optimizer.init_args.lr", "1e30",
-                           "--checkpoint.every_n_train_steps", "1", "--data.batch_size", "16"), check=False)
+    result = run(
+        train_cmd(
+            "fit",
+            run_dir,
+            world["data"],
+            "--model.optimizer.init_args.lr",
+            "1e30",
+            "--checkpoint.every_n_train_steps",
+            "1",
+            "--data.batch_size",
+            "16",
+        ),
+        check=False,
+    )
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert "non-finite" in line or "training loss is" in line
@@ -120,8 +284,13 @@ def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path, world):
 def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, world):
     run_dir = tmp_path / "term"
     args = ["--trainer.max_epochs", "30", "--data.batch_size", "16"]
-    proc = subprocess.Popen(train_cmd("fit", run_dir, world["data"], *args), cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        train_cmd("fit", run_dir, world["data"], *args),
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
     while not last.exists():  # the end of epoch 1: training is under way

@@ -34,21 +34,38 @@ def shards(tmp_path_factory) -> Path:
 
 def fit_args(run_dir: Path, data: Path, *extra: str) -> list[str]:
     cmd = train_cmd(
-        "fit", run_dir, data, "--config", str(recorder_config(run_dir)),
-        "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2", "--data.batch_size", "8",
-        *extra, config="ddp",
+        "fit",
+        run_dir,
+        data,
+        "--config",
+        str(recorder_config(run_dir)),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_epochs",
+        "2",
+        "--data.batch_size",
+        "8",
+        *extra,
+        config="ddp",
     )
     return cmd[2:]  # without python and train.py: launchers add their own
 
 
 def assert_each_sample_once_per_epoch(run_dir: Path, num_train: int, world_size: int) -> dict:
-    plans = [json.loads(p.read_text()) for p in sorted((run_dir / "samples").glob("plan-rank*.json"))]
+    plans = [
+        json.loads(p.read_text()) for p in sorted((run_dir / "samples").glob("plan-rank*.json"))
+    ]
     assert len(plans) == world_size and all(plan == plans[0] for plan in plans)
     plan = plans[0]
     records = read_samples(run_dir)
     for epoch in range(plan["epochs"]):
         per_rank = [
-            [i for (r, e, _), rec in sorted(records.items()) if r == rank and e == epoch for i in rec["ids"]]
+            [
+                i
+                for (r, e, _), rec in sorted(records.items())
+                if r == rank and e == epoch
+                for i in rec["ids"]
+            ]
             for rank in range(world_size)
         ]
         assert all(len(ids) == plan["batches_per_epoch"] * 8 for ids in per_rank)
@@ -61,9 +78,20 @@ def assert_each_sample_once_per_epoch(run_dir: Path, num_train: int, world_size:
 
 def test_torchrun_two_processes_see_every_sample_once(tmp_path, shards):
     run_dir = tmp_path / "run"
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(free_port()), str(REPO / "train.py"),
-         *fit_args(run_dir, shards, "--trainer.devices", "2")], timeout=400)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(REPO / "train.py"),
+            *fit_args(run_dir, shards, "--trainer.devices", "2"),
+        ],
+        timeout=400,
+    )
     plan = assert_each_sample_once_per_epoch(run_dir, 203, 2)
     assert plan["world_size"] == 2 and plan["max_steps"] == 2 * plan["steps_per_epoch"]
 
@@ -72,10 +100,27 @@ def test_torchrun_two_nodes_on_localhost(tmp_path, shards):
     run_dir, port = tmp_path / "run", free_port()
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-             str(REPO / "train.py"), *fit_args(run_dir, shards, "--trainer.devices", "1", "--trainer.num_nodes", "2")],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                str(REPO / "train.py"),
+                *fit_args(run_dir, shards, "--trainer.devices", "1", "--trainer.num_nodes", "2"),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for rank in range(2)
     ]
@@ -88,18 +133,30 @@ def test_torchrun_two_nodes_on_localhost(tmp_path, shards):
 def slurm_env(tmp_path: Path, run_dir: Path, tasks: int = 2) -> dict:
     return {
         "PATH": f"{STANDINS}:{os.environ['PATH']}",
-        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "template-test", "SLURM_NNODES": "1",
-        "SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_NODELIST": "localhost",
-        "SLURM_SUBMIT_DIR": str(REPO), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
-        "RUN_DIR": str(run_dir), "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "template-test",
+        "SLURM_NNODES": "1",
+        "SLURM_NTASKS": str(tasks),
+        "SLURM_NTASKS_PER_NODE": str(tasks),
+        "SLURM_NODELIST": "localhost",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "RUN_DIR": str(run_dir),
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
     }
 
 
 def sbatch_cmd(run_dir: Path, data: Path, *extra: str) -> list[str]:
     args = fit_args(run_dir, data, *extra)[1:]  # the script adds "fit" itself
     config_index = args.index("--config")
-    return ["bash", str(REPO / "scripts" / "slurm" / "train.sbatch"), args[config_index + 1],
-            *args[:config_index], *args[config_index + 2:]]
+    return [
+        "bash",
+        str(REPO / "scripts" / "slurm" / "train.sbatch"),
+        args[config_index + 1],
+        *args[:config_index],
+        *args[config_index + 2 :],
+    ]
 
 
 def test_sbatch_script_under_srun_environment(tmp_path, shards):
@@ -115,15 +172,26 @@ def test_slurm_preemption_saves_requeues_and_resumes_exactly(tmp_path, shards):
     run(sbatch_cmd(reference, shards), env=slurm_env(tmp_path / "ref", reference), timeout=400)
 
     env = {**os.environ, **slurm_env(tmp_path, preempted)}
-    job = subprocess.Popen(sbatch_cmd(preempted, shards), cwd=REPO, env=env, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(
+        sbatch_cmd(preempted, shards),
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     samples = preempted / "samples" / "samples-rank0.jsonl"
     deadline = time.monotonic() + 300
-    while not samples.exists() or len(samples.read_text().splitlines()) < 16:  # mid epoch 1 of 12 steps
+    while (
+        not samples.exists() or len(samples.read_text().splitlines()) < 16
+    ):  # mid epoch 1 of 12 steps
         assert job.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    ranks = subprocess.run(["pgrep", "-g", str(job.pid), "-f", f"^{sys.executable} .*train.py fit"],
-                           capture_output=True, text=True)
+    ranks = subprocess.run(
+        ["pgrep", "-g", str(job.pid), "-f", f"^{sys.executable} .*train.py fit"],
+        capture_output=True,
+        text=True,
+    )
     for pid in ranks.stdout.split():
         os.kill(int(pid), signal.SIGUSR1)  # what SLURM's --signal=SIGUSR1@90 does to every task
     assert job.wait(timeout=120) == 0
@@ -131,7 +199,9 @@ def test_slurm_preemption_saves_requeues_and_resumes_exactly(tmp_path, shards):
     saved = torch.load(preempted / "checkpoints" / "last.ckpt", weights_only=True)
     assert 0 < saved["global_step"] < 24
 
-    run(sbatch_cmd(preempted, shards), env=slurm_env(tmp_path, preempted), timeout=400)  # the requeued job
+    run(
+        sbatch_cmd(preempted, shards), env=slurm_env(tmp_path, preempted), timeout=400
+    )  # the requeued job
     a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(preempted / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"]
@@ -143,12 +213,21 @@ def test_slurm_preemption_saves_requeues_and_resumes_exactly(tmp_path, shards):
 @pytest.mark.parametrize(
     "env,args,message",
     [
-        ({"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "x"},
-         ["--trainer.devices", "1"], "SLURM started 2 tasks but --trainer.devices x --trainer.num_nodes = 1 x 1 = 1"),
-        ({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "x"}, [],
-         "was not started with srun"),
-        ({"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "RANK": "0"}, ["--trainer.devices", "4"],
-         "torchrun started 2 processes but"),
+        (
+            {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "x"},
+            ["--trainer.devices", "1"],
+            "SLURM started 2 tasks but --trainer.devices x --trainer.num_nodes = 1 x 1 = 1",
+        ),
+        (
+            {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "x"},
+            [],
+            "was not started with srun",
+        ),
+        (
+            {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "RANK": "0"},
+            ["--trainer.devices", "4"],
+            "torchrun started 2 processes but",
+        ),
     ],
 )
 def test_launch_guard_rails(tmp_path, shards, env, args, message):
@@ -158,8 +237,19 @@ def test_launch_guard_rails(tmp_path, shards, env, args, message):
 
 def test_world_size_too_large_for_the_data(tmp_path):
     shards = write_shards(tmp_path / "small", 10)
-    result = run(train_cmd("plan", tmp_path, shards, "--trainer.devices", "2", "--data.batch_size", "8",
-                           config="ddp"), check=False)
+    result = run(
+        train_cmd(
+            "plan",
+            tmp_path,
+            shards,
+            "--trainer.devices",
+            "2",
+            "--data.batch_size",
+            "8",
+            config="ddp",
+        ),
+        check=False,
+    )
     assert result.returncode == 2 and "yields 0 batches per rank" in result.stderr
 
 
@@ -167,4 +257,7 @@ def test_sbatch_script_is_valid_shell():
     script = REPO / "scripts" / "slurm" / "train.sbatch"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     shellcheck = Path(sys.executable).parent / "shellcheck"
-    assert subprocess.run([str(shellcheck), str(script), *map(str, STANDINS.iterdir())]).returncode == 0
+    assert (
+        subprocess.run([str(shellcheck), str(script), *map(str, STANDINS.iterdir())]).returncode
+        == 0
+    )

@@ -12,13 +12,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from train_template.plan import PlanError, WarmupSetting, accumulation_window_size, changed_inputs, make_plan
+from train_template.plan import (
+    PlanError,
+    WarmupSetting,
+    accumulation_window_size,
+    changed_inputs,
+    make_plan,
+)
 from train_template.schedule import LRSchedule, PlannedLRLambda, lr_factor
 
 
 def test_the_naive_formula_is_wrong_and_the_plan_is_not():
     # N=100, batch 8, drop_last -> 12 batches; accumulate 4 -> 3 steps per epoch.
-    plan = make_plan(batches_per_epoch=100 // 8, batch_size=8, accumulate_grad_batches=4, max_epochs=3)
+    plan = make_plan(
+        batches_per_epoch=100 // 8, batch_size=8, accumulate_grad_batches=4, max_epochs=3
+    )
     assert plan.steps_per_epoch == 3
     assert plan.max_steps == 9
     assert math.ceil(100 / (8 * 4 * 1)) * 3 == 12  # what the naive formula says
@@ -33,8 +41,12 @@ def test_the_naive_formula_is_wrong_and_the_plan_is_not():
 )
 def test_steps_follow_lightnings_rule(batches, accumulate, epochs, devices, nodes):
     plan = make_plan(
-        batches_per_epoch=batches, batch_size=4, accumulate_grad_batches=accumulate,
-        devices=devices, num_nodes=nodes, max_epochs=epochs,
+        batches_per_epoch=batches,
+        batch_size=4,
+        accumulate_grad_batches=accumulate,
+        devices=devices,
+        num_nodes=nodes,
+        max_epochs=epochs,
     )
     # Lightning steps every `accumulate` batches and on the epoch's last batch.
     steps = sum(1 for b in range(batches) if (b + 1) % accumulate == 0 or b == batches - 1)
@@ -47,23 +59,33 @@ def test_steps_follow_lightnings_rule(batches, accumulate, epochs, devices, node
 @given(batches=st.integers(1, 500), accumulate=st.integers(1, 8), max_steps=st.integers(1, 5000))
 def test_step_budget_wins_and_sets_enough_epochs(batches, accumulate, max_steps):
     plan = make_plan(
-        batches_per_epoch=batches, batch_size=2, accumulate_grad_batches=accumulate,
-        max_epochs=1, max_steps=max_steps,
+        batches_per_epoch=batches,
+        batch_size=2,
+        accumulate_grad_batches=accumulate,
+        max_epochs=1,
+        max_steps=max_steps,
     )
     assert plan.length_from == "max_steps" and plan.max_steps == max_steps
-    assert (plan.epochs - 1) * plan.steps_per_epoch < max_steps <= plan.epochs * plan.steps_per_epoch
+    assert (
+        (plan.epochs - 1) * plan.steps_per_epoch < max_steps <= plan.epochs * plan.steps_per_epoch
+    )
 
 
 @given(batches=st.integers(1, 200), accumulate=st.integers(1, 8), samples=st.integers(1, 100_000))
 def test_sample_budget_covers_the_samples(batches, accumulate, samples):
     plan = make_plan(
-        batches_per_epoch=batches, batch_size=8, accumulate_grad_batches=accumulate,
-        devices=2, max_samples=samples,
+        batches_per_epoch=batches,
+        batch_size=8,
+        accumulate_grad_batches=accumulate,
+        devices=2,
+        max_samples=samples,
     )
     assert plan.length_from == "max_samples"
     full_epochs, rest = divmod(samples, plan.samples_per_epoch)
     rest_batches = math.ceil(rest / 16)
-    assert plan.max_steps == full_epochs * plan.steps_per_epoch + math.ceil(rest_batches / accumulate)
+    assert plan.max_steps == full_epochs * plan.steps_per_epoch + math.ceil(
+        rest_batches / accumulate
+    )
 
 
 @pytest.mark.parametrize(
@@ -74,7 +96,10 @@ def test_sample_budget_covers_the_samples(batches, accumulate, samples):
         ({"batch_size": 0}, "batch_size=0"),
         ({"max_steps": 10, "max_samples": 100}, "keep only one training length"),
         ({"max_epochs": None}, "no training length"),
-        ({"warmup": WarmupSetting(steps=30)}, "warmup (30 steps) is not shorter than training (30 steps)"),
+        (
+            {"warmup": WarmupSetting(steps=30)},
+            "warmup (30 steps) is not shorter than training (30 steps)",
+        ),
         ({"warmup": WarmupSetting(fraction=1.5)}, "outside [0, 1)"),
     ],
 )
@@ -102,7 +127,9 @@ def test_warmup_units():
     final=st.floats(0, 1),
     stable=st.floats(0, 0.9),
 )
-def test_schedule_starts_at_warmup_start_ends_at_final_and_never_overruns(total, warmup_share, decay, final, stable):
+def test_schedule_starts_at_warmup_start_ends_at_final_and_never_overruns(
+    total, warmup_share, decay, final, stable
+):
     warmup = int(warmup_share * total)
     factor = PlannedLRLambda(LRSchedule(decay, final, 0.01, stable))
     factor.set_length(warmup, total)
@@ -116,7 +143,10 @@ def test_schedule_starts_at_warmup_start_ends_at_final_and_never_overruns(total,
 
 
 def test_warmup_stable_decay_holds_the_peak():
-    values = [lr_factor(s, total_steps=101, warmup_steps=10, decay="linear", stable_fraction=0.5) for s in range(101)]
+    values = [
+        lr_factor(s, total_steps=101, warmup_steps=10, decay="linear", stable_fraction=0.5)
+        for s in range(101)
+    ]
     assert values[10:55] == [1.0] * 45
     assert values[-1] == 0.0
 
@@ -129,7 +159,11 @@ def test_accumulation_windows_partition_the_epoch(batches, accumulate):
 
 
 def test_changed_inputs_names_what_changed():
-    saved = make_plan(batches_per_epoch=10, batch_size=8, accumulate_grad_batches=1, max_epochs=2).to_dict()
-    now = make_plan(batches_per_epoch=5, batch_size=8, accumulate_grad_batches=1, devices=2, max_epochs=2)
+    saved = make_plan(
+        batches_per_epoch=10, batch_size=8, accumulate_grad_batches=1, max_epochs=2
+    ).to_dict()
+    now = make_plan(
+        batches_per_epoch=5, batch_size=8, accumulate_grad_batches=1, devices=2, max_epochs=2
+    )
     changes = changed_inputs(saved, now)
     assert "world_size 1 -> 2" in changes and "batches_per_epoch 10 -> 5" in changes

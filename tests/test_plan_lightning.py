@@ -19,6 +19,7 @@ import torch
 from conftest import write_shards
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from train_template.callbacks import TrainingPlanCallback
 from train_template.data import ShardDataModule
@@ -42,7 +43,9 @@ class StepRecorder(pl.Callback):
         self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
 
 
-def fit(data_dir, *, batch_size, drop_last, accumulate, limit, epochs, warmup_fraction=0.25, scale=True):
+def fit(
+    data_dir, *, batch_size, drop_last, accumulate, limit, epochs, warmup_fraction=0.25, scale=True
+):
     torch.manual_seed(0)
     model = ClassifierModule(
         MLP(),
@@ -53,9 +56,17 @@ def fit(data_dir, *, batch_size, drop_last, accumulate, limit, epochs, warmup_fr
     data = ShardDataModule(str(data_dir), batch_size=batch_size, drop_last=drop_last, shuffle=True)
     plan_callback, recorder = TrainingPlanCallback(warmup_fraction=warmup_fraction), StepRecorder()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, accumulate_grad_batches=accumulate,
-        limit_train_batches=limit, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[plan_callback, recorder],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        accumulate_grad_batches=accumulate,
+        limit_train_batches=limit,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[plan_callback, recorder],
     )
     trainer.fit(model, data)
     return trainer, plan_callback.plan, recorder, model
@@ -70,18 +81,43 @@ def fit(data_dir, *, batch_size, drop_last, accumulate, limit, epochs, warmup_fr
     limit=st.one_of(st.none(), st.integers(1, 40), st.floats(0.05, 1.0)),
     epochs=st.integers(1, 3),
 )
-def test_planned_steps_equal_executed_steps(num_samples, batch_size, drop_last, accumulate, limit, epochs):
+def test_planned_steps_equal_executed_steps(
+    num_samples, batch_size, drop_last, accumulate, limit, epochs
+):
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_shards(Path(tmp), num_samples)
         if drop_last and num_samples < batch_size:
             with pytest.raises(UserError, match="fewer than one batch"):
-                fit(data_dir, batch_size=batch_size, drop_last=drop_last, accumulate=accumulate,
-                    limit=limit if limit is not None else 1.0, epochs=epochs)
+                fit(
+                    data_dir,
+                    batch_size=batch_size,
+                    drop_last=drop_last,
+                    accumulate=accumulate,
+                    limit=limit if limit is not None else 1.0,
+                    epochs=epochs,
+                )
             return
         limit = 1.0 if limit is None else limit
+        full_batches = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+        if isinstance(limit, float) and int(limit * full_batches) == 0:
+            # Lightning refuses a fraction that keeps no batch, with a clear message.
+            with pytest.raises(MisconfigurationException, match="limit_train_batches"):
+                fit(
+                    data_dir,
+                    batch_size=batch_size,
+                    drop_last=drop_last,
+                    accumulate=accumulate,
+                    limit=limit,
+                    epochs=epochs,
+                )
+            return
         trainer, plan, recorder, model = fit(
-            data_dir, batch_size=batch_size, drop_last=drop_last, accumulate=accumulate,
-            limit=limit, epochs=epochs,
+            data_dir,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            accumulate=accumulate,
+            limit=limit,
+            epochs=epochs,
         )
     assert trainer.global_step == plan.max_steps
     scheduler = trainer.lr_scheduler_configs[0].scheduler
@@ -100,8 +136,14 @@ def test_short_last_window_gets_the_gradient_of_its_own_batches(tmp_path, scale)
     # 40 samples, batch 8 -> 5 batches; accumulate 4 -> windows of 4 and 1 batches.
     data_dir = write_shards(tmp_path, 40)
     trainer, plan, recorder, model = fit(
-        data_dir, batch_size=8, drop_last=True, accumulate=4, limit=1.0, epochs=1,
-        warmup_fraction=0.0, scale=scale,
+        data_dir,
+        batch_size=8,
+        drop_last=True,
+        accumulate=4,
+        limit=1.0,
+        epochs=1,
+        warmup_fraction=0.0,
+        scale=scale,
     )
     assert plan.steps_per_epoch == 2
     # Recompute the last window's gradient by hand: the mean loss over its one batch,
@@ -112,17 +154,15 @@ def test_short_last_window_gets_the_gradient_of_its_own_batches(tmp_path, scale)
     from train_template.data import collate_samples
 
     batch = collate_samples([by_id[i] for i in recorder.batch_ids[4]])
-    reference = ClassifierModule(MLP())
     torch.manual_seed(0)
-    reference.network = MLP()
-    trainer_free = reference.network
-    # Replay: weights before step 2 = initial weights - lr_1 * grad_1 (plain SGD).
+    network = MLP()  # the fitted model's initial weights (same seed, same construction)
+    # Replay step 1 (plain SGD): weights before step 2 = initial - lr_1 * grad_1.
     with torch.no_grad():
-        for (name, param), grad in zip(trainer_free.named_parameters(), recorder.grads[0].values(), strict=True):
+        for param, grad in zip(network.parameters(), recorder.grads[0].values(), strict=True):
             param -= recorder.lrs[0] * grad
-    loss = torch.nn.functional.cross_entropy(trainer_free(batch["image"]), batch["label"])
+    loss = torch.nn.functional.cross_entropy(network(batch["image"]), batch["label"])
     loss.backward()
-    expected = {f"network.{n}": p.grad for n, p in trainer_free.named_parameters()}
+    expected = {f"network.{n}": p.grad for n, p in network.named_parameters()}
     factor = 1.0 if scale else 1.0 / 4  # unscaled, Lightning divides by the full window
     for name, grad in recorder.grads[1].items():
         torch.testing.assert_close(grad, expected[name] * factor, rtol=1e-5, atol=1e-6)

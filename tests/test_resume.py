@@ -28,10 +28,15 @@ def shards(tmp_path_factory) -> Path:
 
 def fit_args(run_dir: Path, data: Path, *extra: str, config: str = "default") -> list[str]:
     return train_cmd(
-        "fit", run_dir, data,
-        "--config", str(recorder_config(run_dir)),
-        "--trainer.max_epochs", EPOCHS,
-        "--data.batch_size", "8",
+        "fit",
+        run_dir,
+        data,
+        "--config",
+        str(recorder_config(run_dir)),
+        "--trainer.max_epochs",
+        EPOCHS,
+        "--data.batch_size",
+        "8",
         *extra,
         config=config,
     )
@@ -80,7 +85,12 @@ def epoch_orders(run_dir: Path, rank: int = 0) -> list[list[int]]:
     records = read_samples(run_dir)
     epochs = sorted({epoch for (r, epoch, _) in records if r == rank})
     return [
-        [i for (r, e, b), rec in sorted(records.items()) if r == rank and e == epoch for i in rec["ids"]]
+        [
+            i
+            for (r, e, b), rec in sorted(records.items())
+            if r == rank and e == epoch
+            for i in rec["ids"]
+        ]
         for epoch in epochs
     ]
 
@@ -94,7 +104,9 @@ def epoch_orders(run_dir: Path, rank: int = 0) -> list[list[int]]:
         pytest.param(2, 2, marks=[pytest.mark.ddp, pytest.mark.slow]),
     ],
 )
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, shards, world_size, num_workers):
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
+    tmp_path, shards, world_size, num_workers
+):
     extra = ["--data.num_workers", str(num_workers), "--checkpoint.every_n_train_steps", "7"]
     config = "default"
     if world_size == 2:
@@ -104,7 +116,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, shards, w
     run(fit_args(reference, shards, *extra, config=config))
 
     steps_per_epoch = {1: 51, 2: 25}[world_size]
-    killed_at = kill_after_checkpoint(fit_args(resumed, shards, *extra, config=config), resumed, steps_per_epoch + 10)
+    killed_at = kill_after_checkpoint(
+        fit_args(resumed, shards, *extra, config=config), resumed, steps_per_epoch + 10
+    )
     assert killed_at % steps_per_epoch != 0, "the kill should land after a mid-epoch checkpoint"
     run(fit_args(resumed, shards, *extra, "--ckpt_path", "last", config=config))
 
@@ -142,7 +156,8 @@ def test_killed_checkpoint_writer_leaves_previous_checkpoint_loadable(tmp_path):
     for attempt in range(5):
         proc = subprocess.Popen(
             [os.environ.get("PYTHON", __import__("sys").executable), "-c", script, str(target)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for _ in range(2 + attempt):  # let it complete a few saves, then kill mid-write
             proc.stdout.readline()
@@ -153,3 +168,31 @@ def test_killed_checkpoint_writer_leaves_previous_checkpoint_loadable(tmp_path):
         assert torch.equal(checkpoint["w"], torch.full((4_000_000,), float(checkpoint["step"])))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
     assert len(leftovers) <= 5  # temp files of killed writes never carry the final name
+
+
+@pytest.mark.ddp
+def test_resume_with_another_world_size_is_refused(tmp_path, shards):
+    """The README's promise: a changed world size stops with what changed, nothing else."""
+    run_dir = tmp_path / "run"
+    run(fit_args(run_dir, shards, "--trainer.max_epochs", "1"))
+    before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    result = run(
+        fit_args(
+            run_dir,
+            shards,
+            "--trainer.max_epochs",
+            "1",
+            "--ckpt_path",
+            "last",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+        ),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "the checkpoint was trained with another plan (world_size 1 -> 2" in result.stderr
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before

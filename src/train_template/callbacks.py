@@ -161,7 +161,11 @@ class FiniteLossGuard(Callback):
     """
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -172,7 +176,6 @@ class FiniteLossGuard(Callback):
                 "(--model.optimizer.init_args.lr) or set --trainer.gradient_clip_val; "
                 "the last good checkpoint is kept"
             )
-
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -224,7 +227,11 @@ class SampleIdRecorder(Callback):
         self._lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
     ) -> None:
         record = {
@@ -247,15 +254,24 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
 
     def write_on_epoch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: Any,
         batch_indices: Any,
     ) -> None:
-        name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
+        name = (
+            "predictions.csv"
+            if trainer.world_size == 1
+            else f"predictions-rank{trainer.global_rank}.csv"
+        )
         path = Path(trainer.log_dir or ".") / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["index", "prediction"])
             for batch in predictions:
-                writer.writerows(zip(batch["index"].tolist(), batch["prediction"].tolist(), strict=True))
+                writer.writerows(
+                    zip(batch["index"].tolist(), batch["prediction"].tolist(), strict=True)
+                )
         rank_zero_info(f"predictions written to {path}")

@@ -33,7 +33,11 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -126,7 +130,11 @@ class SaveOnPreemption(Callback):
         self._received = signum
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
     ) -> None:
         received = torch.tensor([self._received or 0])
@@ -136,11 +144,15 @@ class SaveOnPreemption(Callback):
         if not signum:
             return
         checkpoint = trainer.checkpoint_callback
-        directory = Path(checkpoint.dirpath if checkpoint and checkpoint.dirpath else trainer.default_root_dir)
+        directory = Path(
+            checkpoint.dirpath if checkpoint and checkpoint.dirpath else trainer.default_root_dir
+        )
         path = directory / "last.ckpt"
         trainer.save_checkpoint(path)
         name = signal.Signals(signum).name
-        rank_zero_info(f"{name}: saved {path} at step {trainer.global_step}; resume with --ckpt_path auto")
+        rank_zero_info(
+            f"{name}: saved {path} at step {trainer.global_step}; resume with --ckpt_path auto"
+        )
         job_id = os.environ.get("SLURM_JOB_ID")
         if signum == signal.SIGUSR1 and job_id and trainer.is_global_zero:
             array_job = os.environ.get("SLURM_ARRAY_JOB_ID")

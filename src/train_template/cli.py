@@ -109,10 +109,12 @@ class TemplateCLI(LightningCLI):
             if launch.in_slurm_job() and not trainer.plugins:
                 # SaveOnPreemption saves and requeues at a step boundary instead of
                 # Lightning's save from inside the signal handler.
-                trainer.plugins = [{
-                    "class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment",
-                    "init_args": {"auto_requeue": False},
-                }]
+                trainer.plugins = [
+                    {
+                        "class_path": "lightning.pytorch.plugins.environments.SLURMEnvironment",
+                        "init_args": {"auto_requeue": False},
+                    }
+                ]
             config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), config.checkpoint.dirpath)
 
     def instantiate_trainer(self, **kwargs: Any):

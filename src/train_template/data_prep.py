@@ -55,7 +55,9 @@ def load_source(source: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path) as archive:
         missing = {"images", "labels"} - set(archive.files)
         if missing:
-            raise ValueError(f"{source} lacks the array(s) {sorted(missing)}: save images and labels")
+            raise ValueError(
+                f"{source} lacks the array(s) {sorted(missing)}: save images and labels"
+            )
         images, labels = archive["images"], archive["labels"]
     if images.ndim == 3:
         images = images[:, None]

@@ -33,7 +33,10 @@ def requested_world_size(devices, num_nodes: int) -> int | None:
 
 def in_slurm_job(environ: Mapping[str, str] = os.environ) -> bool:
     """True where Lightning's SLURMEnvironment would take over (not an interactive shell)."""
-    return "SLURM_NTASKS" in environ and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    return "SLURM_NTASKS" in environ and environ.get("SLURM_JOB_NAME") not in (
+        "bash",
+        "interactive",
+    )
 
 
 def check_environment(devices, num_nodes: int, environ: Mapping[str, str] = os.environ) -> None:

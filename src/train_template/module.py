@@ -93,8 +93,10 @@ class ClassifierModule(pl.LightningModule):
         resized = [k for k in mine if k in theirs and mine[k].shape != theirs[k].shape]
         if missing or unexpected or resized:
             detail = (
-                f"missing {missing[:3]}" if missing
-                else f"unexpected {unexpected[:3]}" if unexpected
+                f"missing {missing[:3]}"
+                if missing
+                else f"unexpected {unexpected[:3]}"
+                if unexpected
                 else f"{resized[0]} is {tuple(theirs[resized[0]].shape)} there, "
                 f"{tuple(mine[resized[0]].shape)} here"
             )

@@ -160,7 +160,10 @@ def make_plan(
             raise PlanError(f"--plan.max_samples={max_samples}: must be at least 1")
         length_from = "max_samples"
         total_steps = _steps_for_samples(
-            max_samples, samples_per_epoch, steps_per_epoch, batch_size * world_size,
+            max_samples,
+            samples_per_epoch,
+            steps_per_epoch,
+            batch_size * world_size,
             accumulate_grad_batches,
         )
     else:

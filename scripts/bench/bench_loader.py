@@ -1,0 +1,103 @@
+"""StreamingDataLoader throughput over optimized shards vs the same arrays from a numpy
+memmap through a plain DataLoader (num_workers 0, 1, 2; same batch size and collate work).
+
+    .venv/bin/python scripts/bench/bench_loader.py [--samples 100000] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import interleave, machine, synthetic_source, table
+
+from train_template.data import ShardDataModule
+from train_template.data_prep import prepare
+
+BATCH = 256
+
+
+class MemmapImages(torch.utils.data.Dataset):
+    def __init__(self, images_path: Path, labels: np.ndarray):
+        self.images_path, self.labels, self.images = str(images_path), labels, None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        if self.images is None:  # opened lazily, once per worker
+            self.images = np.load(self.images_path, mmap_mode="r")
+        return index, self.images[index], self.labels[index]
+
+
+def memmap_collate(samples):
+    images = np.stack([s[1] for s in samples]).reshape(len(samples), -1)
+    return {
+        "index": torch.tensor([s[0] for s in samples]),
+        "image": torch.from_numpy(images.astype(np.float32) / 255.0),
+        "label": torch.tensor([int(s[2]) for s in samples]),
+    }
+
+
+def samples_per_second(loader) -> float:
+    start, count = time.perf_counter(), 0
+    for batch in loader:
+        count += len(batch["label"])
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        source = synthetic_source(tmp / "synthetic.npz", args.samples)
+        prepare(str(source), tmp / "shards", num_workers=2, log=lambda *_: None)
+        with np.load(source) as arrays:
+            np.save(tmp / "images.npy", arrays["images"])
+            labels = arrays["labels"]
+        size_mb = (tmp / "images.npy").stat().st_size / 1e6
+        print(
+            f"# Loader throughput\n\n{machine()}\n\n{args.samples} samples of 3x32x32 uint8 "
+            f"({size_mb:.0f} MB), batch {BATCH}, one full pass per measurement\n"
+        )
+        for workers in (0, 1, 2):
+            data = ShardDataModule(
+                str(tmp / "shards"), batch_size=BATCH, num_workers=workers, shuffle=True
+            )
+            data.setup("fit")
+            memmap = torch.utils.data.DataLoader(
+                MemmapImages(tmp / "images.npy", labels),
+                batch_size=BATCH,
+                shuffle=True,
+                num_workers=workers,
+                collate_fn=memmap_collate,
+                persistent_workers=workers > 0,
+            )
+            results = interleave(
+                {
+                    "numpy memmap DataLoader": lambda m=memmap: samples_per_second(m),
+                    "StreamingDataLoader": lambda d=data: samples_per_second(d.train_dataloader()),
+                },
+                args.repeats,
+            )
+            print(
+                table(
+                    f"num_workers={workers}: samples/s",
+                    results,
+                    "samples/s",
+                    "numpy memmap DataLoader",
+                    lower_is_better=False,
+                )
+            )
+            print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Shared by the benchmarks: interleaved repetitions, medians, and the printed table."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "src"))
+
+
+def interleave(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Run every case once per round, ``repeats`` rounds, so drift hits all cases alike."""
+    results: dict[str, list[float]] = {name: [] for name in cases}
+    for round_index in range(repeats):
+        for name, case in cases.items():
+            results[name].append(case())
+        print(f"  round {round_index + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return results
+
+
+def table(
+    title: str,
+    results: dict[str, list[float]],
+    unit: str,
+    baseline: str,
+    lower_is_better: bool = True,
+) -> str:
+    base = statistics.median(results[baseline])
+    lines = [
+        f"## {title}",
+        "",
+        f"| case | median {unit} | min - max | ratio vs {baseline} |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, values in results.items():
+        median = statistics.median(values)
+        ratio = median / base
+        lines.append(
+            f"| {name} | {median:.4g} | {min(values):.4g} - {max(values):.4g} | {ratio:.3f}x |"
+        )
+    lines.append("")
+    slower = "> 1" if lower_is_better else "< 1"
+    lines.append(
+        f"({len(next(iter(results.values())))} interleaved repetitions; "
+        f"ratio {slower} means slower than {baseline})"
+    )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import lightning
+    import litdata
+    import torch
+
+    return (
+        f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"lightning {lightning.__version__}, litdata {litdata.__version__}"
+    )
+
+
+def synthetic_source(
+    path: Path, num_samples: int, side: int = 32, channels: int = 3, seed: int = 0
+) -> Path:
+    """A synthetic image-classification .npz big enough for loader numbers to mean something,
+    fed through the same preparation path as real data (``data_prep.prepare``)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(num_samples, channels, side, side), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=num_samples)
+    np.savez(path, images=images, labels=labels)
+    return path
