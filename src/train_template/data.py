@@ -122,10 +122,10 @@ class ShardDataModule(pl.LightningDataModule):
                     "scripts/prepare_data.py --force"
                 )
 
-    def metadata(self) -> dict:
-        """``dataset.json`` written by the preparation script (image shape, classes, counts)."""
-        path = Path(self.data_dir) / "dataset.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+    def split_size(self, split: str) -> int:
+        """Samples in a split, from its litdata index (before sharding and drop_last)."""
+        index = json.loads((Path(self.split_dir(split)) / "index.json").read_text())
+        return sum(chunk["chunk_size"] for chunk in index["chunks"])
 
     def make_dataset(self, split: str) -> StreamingDataset:
         training = split == "train"
@@ -162,11 +162,13 @@ class ShardDataModule(pl.LightningDataModule):
                 self.datasets[split] = self.make_dataset(split)
         if stage == "fit" and len(self._loader("train")) == 0:
             # Lightning would silently skip training on an empty epoch.
-            samples = len(self.datasets["train"])
+            dataset = self.datasets["train"]
+            world_size = dataset.distributed_env.world_size
             raise UserError(
-                f"each rank gets {samples} training samples, fewer than one batch of "
-                f"--data.batch_size={self.batch_size} with --data.drop_last true: use a smaller "
-                "batch size, fewer devices, more data, or --data.drop_last false"
+                f"the train split has {self.split_size('train')} samples: split over {world_size} "
+                f"rank(s) that is fewer than one batch of --data.batch_size={self.batch_size} per "
+                "rank with --data.drop_last true: use a smaller batch size, fewer devices, more "
+                "data, or --data.drop_last false"
             )
 
     def _loader(self, split: str, dataset: StreamingDataset | None = None) -> StreamingDataLoader:
