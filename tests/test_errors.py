@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -306,3 +307,44 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, world):
     assert "max_steps=180" in resumed.stdout + resumed.stderr
     assert torch.load(last, weights_only=True)["global_step"] == 180
     os.remove(last)
+
+
+def test_ckpt_best_without_a_recorded_best(tmp_path, world):
+    run_dir = tmp_path / "no-val"
+    run(
+        train_cmd(
+            "fit",
+            run_dir,
+            world["data"],
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_val_batches",
+            "0",
+        )
+    )
+    result = run(train_cmd("test", run_dir, world["data"], "--ckpt_path", "best"), check=False)
+    assert result.returncode == 2
+    assert (
+        "records no existing best checkpoint: use --ckpt_path last"
+        in result.stderr.strip().splitlines()[-1]
+    )
+
+
+def test_prepare_data_with_a_bad_source(tmp_path):
+    result = run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "prepare_data.py"),
+            "--source",
+            "nope.npz",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --source 'nope.npz' is neither 'digits' nor an existing .npz file: "
+        "pass 'digits' or the path of an .npz with 'images' and 'labels'"
+    )
+    assert not (tmp_path / "out").exists()
