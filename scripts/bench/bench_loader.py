@@ -6,14 +6,13 @@ memmap through a plain DataLoader (num_workers 0, 1, 2; same batch size and coll
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import interleave, machine, synthetic_source, table
+from common import bench_args, interleave, machine, synthetic_source, table
 
 from train_template.data import ShardDataModule
 from train_template.data_prep import prepare
@@ -51,10 +50,7 @@ def samples_per_second(loader) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--samples", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = bench_args(__doc__, 100_000)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         source = synthetic_source(tmp / "synthetic.npz", args.samples)
@@ -80,10 +76,11 @@ def main() -> None:
                 collate_fn=memmap_collate,
                 persistent_workers=workers > 0,
             )
+            streaming = data.train_dataloader()  # built once: persistent workers, like memmap's
             results = interleave(
                 {
                     "numpy memmap DataLoader": lambda m=memmap: samples_per_second(m),
-                    "StreamingDataLoader": lambda d=data: samples_per_second(d.train_dataloader()),
+                    "StreamingDataLoader": lambda s=streaming: samples_per_second(s),
                 },
                 args.repeats,
             )

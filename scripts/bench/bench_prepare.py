@@ -6,12 +6,11 @@ runs with --num-workers >= 1) vs the in-process writer (--num-workers 0), same s
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
-from common import interleave, machine, synthetic_source, table
+from common import bench_args, interleave, machine, synthetic_source, table
 
 from train_template.data_prep import prepare
 
@@ -23,10 +22,7 @@ def samples_per_second(source: Path, out: Path, workers: int, num_samples: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--samples", type=int, default=50_000)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = bench_args(__doc__, 50_000)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         source = synthetic_source(tmp / "synthetic.npz", args.samples)

@@ -7,14 +7,13 @@ replayed the consumed data would grow with the position; litdata restores a stat
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from common import interleave, machine, synthetic_source, table
+from common import bench_args, interleave, machine, synthetic_source, table
 
 from train_template.callbacks import StreamingResumeGuard, TrainingPlanCallback
 from train_template.checkpointing import RNGStateCallback, SaveOnPreemption
@@ -83,10 +82,7 @@ def resume_seconds(data_dir: Path, checkpoint: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--samples", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = bench_args(__doc__, 100_000)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prepare(

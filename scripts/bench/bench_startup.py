@@ -6,14 +6,13 @@ of the libraries it needs (the floor any Lightning entry point pays).
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, interleave, machine, table
+from common import REPO, bench_args, interleave, machine, table
 
 IMPORTS = "import lightning.pytorch, litdata, torchmetrics, jsonargparse"
 
@@ -64,9 +63,7 @@ def first_step(data_dir: Path, tmp: Path, counter: list[int]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = bench_args(__doc__)
     from train_template.data_prep import prepare
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,14 +9,13 @@ preemption callbacks and a CSV logger logging every step. Timed: one warm epoch.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from common import interleave, machine, table
+from common import bench_args, interleave, machine, table
 
 from train_template.callbacks import FiniteLossGuard, TrainingPlanCallback  # noqa: E402
 from train_template.checkpointing import RNGStateCallback, SaveOnPreemption  # noqa: E402
@@ -70,6 +69,46 @@ def template_epoch(data_dir: Path, network, batch_size: int, log_dir: str) -> fl
     return timer.seconds / timer.steps * 1000
 
 
+class BareModule(pl.LightningModule):
+    """The least Lightning can run: no logging, no metrics, no callbacks."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.network(batch["image"]), batch["label"])
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        factor = PlannedLRLambda(LRSchedule())
+        factor.set_length(0, 10**6)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def bare_lightning_epoch(data_dir: Path, network, batch_size: int) -> float:
+    torch.manual_seed(0)
+    data = ShardDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
+    timer = EpochTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(BareModule(network()), data)
+    return timer.seconds / timer.steps * 1000
+
+
 def raw_epoch(data_dir: Path, network, batch_size: int) -> float:
     torch.manual_seed(0)
     net = network()
@@ -93,9 +132,7 @@ def raw_epoch(data_dir: Path, network, batch_size: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = bench_args(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "digits"
         prepare("digits", data_dir, num_workers=0, log=lambda *_: None)
@@ -104,6 +141,9 @@ def main() -> None:
             results = interleave(
                 {
                     "raw PyTorch loop": lambda n=network, b=batch_size: raw_epoch(data_dir, n, b),
+                    "bare Lightning": lambda n=network, b=batch_size: bare_lightning_epoch(
+                        data_dir, n, b
+                    ),
                     "template fit": lambda n=network, b=batch_size: template_epoch(
                         data_dir, n, b, tmp
                     ),

@@ -12,6 +12,17 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 
+def bench_args(doc: str | None, samples: int | None = None):
+    """--repeats (and --samples where the benchmark sizes its data)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions")
+    if samples is not None:
+        parser.add_argument("--samples", type=int, default=samples, help="synthetic samples")
+    return parser.parse_args()
+
+
 def interleave(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
     """Run every case once per round, ``repeats`` rounds, so drift hits all cases alike."""
     results: dict[str, list[float]] = {name: [] for name in cases}

@@ -35,8 +35,11 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     litdata yields ``bytes`` fields as ``memoryview``; torch's default collate would
     turn those into one tensor per byte (about 200x slower than one ``frombuffer``).
     """
-    images = np.frombuffer(b"".join(bytes(s["image"]) for s in samples), dtype=np.uint8)
-    images = torch.from_numpy(images.reshape(len(samples), -1).astype(np.float32) / 255.0)
+    first = samples[0]["image"]
+    images = np.empty((len(samples), len(first)), dtype=np.uint8)
+    for row, sample in zip(images, samples, strict=True):
+        row[:] = np.frombuffer(sample["image"], dtype=np.uint8)  # one copy, straight in place
+    images = torch.from_numpy(images).float().div_(255.0)
     return {
         "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
         "image": images,
