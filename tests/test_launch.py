@@ -261,3 +261,35 @@ def test_sbatch_script_is_valid_shell():
         subprocess.run([str(shellcheck), str(script), *map(str, STANDINS.iterdir())]).returncode
         == 0
     )
+
+
+@pytest.mark.parametrize("drop_last", ["true", "false"])
+def test_lightning_launcher_uneven_samples_plan_matches_execution(tmp_path, shards, drop_last):
+    """203 samples on 2 ranks: the same plan on both, each rank yields exactly
+    batches_per_epoch batches per epoch, global_step == max_steps."""
+    run_dir = tmp_path / "run"
+    run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *fit_args(run_dir, shards, "--trainer.devices", "2", "--data.drop_last", drop_last),
+        ],
+        timeout=400,
+    )
+    plans = [
+        json.loads(p.read_text()) for p in sorted((run_dir / "samples").glob("plan-rank*.json"))
+    ]
+    assert len(plans) == 2 and plans[0] == plans[1]
+    plan = plans[0]
+    records = read_samples(run_dir)
+    for rank in range(2):
+        for epoch in range(plan["epochs"]):
+            batches = [k for k in records if k[0] == rank and k[1] == epoch]
+            assert len(batches) == plan["batches_per_epoch"]
+    assert (
+        torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        == plan["max_steps"]
+    )
+    seen = {i for (r, e, _), rec in records.items() if e == 0 for i in rec["ids"]}
+    if drop_last == "false":
+        assert seen == set(range(203))  # nothing dropped
