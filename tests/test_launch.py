@@ -263,16 +263,15 @@ def test_sbatch_script_is_valid_shell():
     )
 
 
-@pytest.mark.parametrize("drop_last", ["true", "false"])
-def test_lightning_launcher_uneven_samples_plan_matches_execution(tmp_path, shards, drop_last):
-    """203 samples on 2 ranks: the same plan on both, each rank yields exactly
-    batches_per_epoch batches per epoch, global_step == max_steps."""
+def test_lightning_launcher_uneven_samples_plan_matches_execution(tmp_path, shards):
+    """203 samples on 2 ranks with drop_last: the same plan on both, each rank yields
+    exactly batches_per_epoch batches per epoch, global_step == max_steps."""
     run_dir = tmp_path / "run"
     run(
         [
             sys.executable,
             str(REPO / "train.py"),
-            *fit_args(run_dir, shards, "--trainer.devices", "2", "--data.drop_last", drop_last),
+            *fit_args(run_dir, shards, "--trainer.devices", "2", "--data.drop_last", "true"),
         ],
         timeout=400,
     )
@@ -290,6 +289,24 @@ def test_lightning_launcher_uneven_samples_plan_matches_execution(tmp_path, shar
         torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
         == plan["max_steps"]
     )
-    seen = {i for (r, e, _), rec in records.items() if e == 0 for i in rec["ids"]}
-    if drop_last == "false":
-        assert seen == set(range(203))  # nothing dropped
+
+
+def test_uneven_ranks_without_drop_last_are_refused_before_training(tmp_path, shards):
+    """litdata's drop_last=False splits 203 samples 96/107 over 2 ranks (12 vs 14 batches):
+    training would hang in the all-reduce, so the plan stops it before the first step."""
+    run_dir = tmp_path / "run"
+    result = run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *fit_args(run_dir, shards, "--trainer.devices", "2", "--data.drop_last", "false"),
+        ],
+        timeout=400,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert (
+        "ranks would train on different batch counts per epoch [12, 14]: set --data.drop_last true"
+        in result.stderr
+    )
+    assert not (run_dir / "samples").exists()  # not a single step was taken

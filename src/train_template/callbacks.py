@@ -73,16 +73,21 @@ class TrainingPlanCallback(Callback):
         if not isinstance(batches, int) or math.isinf(batches):
             raise UserError("the train loader has no length: the plan needs a sized loader")
         samples = _samples_per_rank(trainer)
-        _check_ranks_agree(trainer, pl_module, batches, samples)
+        counts = _batch_counts_of_all_ranks(trainer, pl_module, batches)
         plan = self.plan_for(trainer, batches, samples)
-        if self._checkpoint_plan is not None:
-            changes = changed_inputs(self._checkpoint_plan, plan)
-            if changes:
-                raise UserError(
-                    f"the checkpoint was trained with another plan ({'; '.join(changes)}): "
-                    "resume with the original devices, num_nodes, batch size, accumulation, "
-                    "data and length, or start a new run in a new --trainer.default_root_dir"
-                )
+        # Every rank must reach the same decision (one raising while another waits in a
+        # collective would hang): world size and the gathered counts are the same
+        # everywhere, and once the counts agree so do the plans.
+        saved = self._checkpoint_plan
+        if saved is not None and saved.get("world_size") != plan.world_size:
+            raise _plan_changed(changed_inputs(saved, plan))
+        if len(set(counts)) > 1:
+            raise UserError(
+                f"ranks would train on different batch counts per epoch {counts}: set "
+                "--data.drop_last true so litdata gives every rank the same number of samples"
+            )
+        if saved is not None and (changes := changed_inputs(saved, plan)):
+            raise _plan_changed(changes)
         self.plan = plan
         # Stop exactly at the plan's end, whichever setting defined the length.
         trainer.fit_loop.epoch_loop.max_steps = plan.max_steps
@@ -120,21 +125,23 @@ def _samples_per_rank(trainer: pl.Trainer) -> int | None:
         return None
 
 
-def _check_ranks_agree(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, batches: int, samples: int | None
-) -> None:
+def _batch_counts_of_all_ranks(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, batches: int
+) -> list[int]:
     # A rank with fewer batches would leave the others waiting forever in the
-    # gradient all-reduce of the step it never takes, so compare before the first step.
+    # gradient all-reduce of the step it never takes: compare before the first step.
     if trainer.world_size == 1:
-        return
-    local = torch.tensor([batches, samples or 0], device=pl_module.device)
-    gathered = trainer.strategy.all_gather(local).reshape(-1, 2)
-    counts = gathered[:, 0].tolist()
-    if len(set(counts)) > 1:
-        raise UserError(
-            f"ranks would train on different batch counts per epoch {counts}: set "
-            "--data.drop_last true so litdata gives every rank the same number of samples"
-        )
+        return [batches]
+    local = torch.tensor([batches], device=pl_module.device)
+    return trainer.strategy.all_gather(local).reshape(-1).tolist()
+
+
+def _plan_changed(changes: list[str]) -> UserError:
+    return UserError(
+        f"the checkpoint was trained with another plan ({'; '.join(changes)}): resume with "
+        "the original devices, num_nodes, batch size, accumulation, data and length, or "
+        "start a new run in a new --trainer.default_root_dir"
+    )
 
 
 class StreamingResumeGuard(Callback):
