@@ -51,11 +51,16 @@ class TrainingPlanCallback(Callback):
         self.plan: TrainingPlan | None = None
         self._checkpoint_plan: dict | None = None
 
+    def make(self, **loader_and_trainer: Any) -> TrainingPlan:
+        """The plan for measured loader numbers and trainer settings, with this
+        callback's own inputs (sample budget, warmup); used by fit and the dry run."""
+        return make_plan(**loader_and_trainer, max_samples=self.max_samples, warmup=self.warmup)
+
     def plan_for(
         self, trainer: pl.Trainer, batches_per_epoch: int, samples_per_rank: int | None
     ) -> TrainingPlan:
         """The plan for this trainer's settings and a measured loader length."""
-        return make_plan(
+        return self.make(
             batches_per_epoch=batches_per_epoch,
             batch_size=_batch_size(trainer),
             accumulate_grad_batches=trainer.accumulate_grad_batches,
@@ -64,8 +69,6 @@ class TrainingPlanCallback(Callback):
             samples_per_rank=samples_per_rank,
             max_epochs=trainer.max_epochs,
             max_steps=trainer.max_steps,
-            max_samples=self.max_samples,
-            warmup=self.warmup,
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

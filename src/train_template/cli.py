@@ -97,14 +97,13 @@ class TemplateCLI(LightningCLI):
             raise UserError(
                 f"--trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: must be at least 1"
             )
-        if self.subcommand != "plan":
-            check_writable(root)
         if trainer.logger in (None, True):
             trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": root, "name": "logs"},
             }
-        if self.subcommand != "plan":
+        if self.subcommand != "plan":  # the dry run writes nothing and starts no processes
+            check_writable(root)
             launch.check_environment(trainer.devices, trainer.num_nodes)
             if launch.in_slurm_job() and not trainer.plugins:
                 # SaveOnPreemption saves and requeues at a step boundary instead of

@@ -15,7 +15,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from train_template.callbacks import TrainingPlanCallback
 from train_template.errors import UserError
 from train_template.launch import requested_world_size
-from train_template.plan import format_plan, make_plan
+from train_template.plan import format_plan
 from train_template.schedule import PlannedLRLambda
 
 
@@ -42,7 +42,7 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
     if max_epochs is None:  # Lightning's own default
         max_epochs = 1000 if trainer.max_steps == -1 else -1
     plan_callback: TrainingPlanCallback = config_init.plan
-    plan = make_plan(
+    plan = plan_callback.make(
         batches_per_epoch=int(batches),
         batch_size=datamodule.batch_size,
         accumulate_grad_batches=trainer.accumulate_grad_batches,
@@ -51,8 +51,6 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
         samples_per_rank=samples,
         max_epochs=max_epochs,
         max_steps=trainer.max_steps,
-        max_samples=plan_callback.max_samples,
-        warmup=plan_callback.warmup,
     )
     print(plan.to_json() if config.json else format_plan(plan))
     if config.lr_curve:
