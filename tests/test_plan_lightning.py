@@ -84,41 +84,27 @@ def fit(
 def test_planned_steps_equal_executed_steps(
     num_samples, batch_size, drop_last, accumulate, limit, epochs
 ):
+    limit = 1.0 if limit is None else limit
+    full_batches = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+    settings = dict(
+        batch_size=batch_size,
+        drop_last=drop_last,
+        accumulate=accumulate,
+        limit=limit,
+        epochs=epochs,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_shards(Path(tmp), num_samples)
-        if drop_last and num_samples < batch_size:
+        if full_batches == 0:
             with pytest.raises(UserError, match="fewer than one batch"):
-                fit(
-                    data_dir,
-                    batch_size=batch_size,
-                    drop_last=drop_last,
-                    accumulate=accumulate,
-                    limit=limit if limit is not None else 1.0,
-                    epochs=epochs,
-                )
+                fit(data_dir, **settings)
             return
-        limit = 1.0 if limit is None else limit
-        full_batches = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
         if isinstance(limit, float) and int(limit * full_batches) == 0:
             # Lightning refuses a fraction that keeps no batch, with a clear message.
             with pytest.raises(MisconfigurationException, match="limit_train_batches"):
-                fit(
-                    data_dir,
-                    batch_size=batch_size,
-                    drop_last=drop_last,
-                    accumulate=accumulate,
-                    limit=limit,
-                    epochs=epochs,
-                )
+                fit(data_dir, **settings)
             return
-        trainer, plan, recorder, model = fit(
-            data_dir,
-            batch_size=batch_size,
-            drop_last=drop_last,
-            accumulate=accumulate,
-            limit=limit,
-            epochs=epochs,
-        )
+        trainer, plan, recorder, model = fit(data_dir, **settings)
     assert trainer.global_step == plan.max_steps
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == plan.max_steps
