@@ -163,9 +163,10 @@ class ShardDataModule(pl.LightningDataModule):
         for split in needed:
             if split not in self.datasets:
                 self.datasets[split] = self.make_dataset(split)
-        if stage == "fit" and len(self._loader("train")) == 0:
-            # Lightning would silently skip training on an empty epoch.
-            dataset = self.datasets["train"]
+        dataset = self.datasets.get("train")
+        # Lightning would silently skip training on an empty epoch. litdata applies
+        # drop_last per rank inside the dataset, so its length says it without a loader.
+        if stage == "fit" and dataset.get_len(self.num_workers, self.batch_size) == 0:
             world_size = dataset.distributed_env.world_size
             raise UserError(
                 f"the train split has {self.split_size('train')} samples: split over {world_size} "
