@@ -13,7 +13,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from common import bench_args, interleave, machine, synthetic_source, table
+from common import bench_args, interleave, machine, quiet_trainer, synthetic_source, table
 
 from train_template.callbacks import StreamingResumeGuard, TrainingPlanCallback
 from train_template.checkpointing import RNGStateCallback, SaveOnPreemption
@@ -44,15 +44,7 @@ class FirstBatch(pl.Callback):
 
 
 def trainer(callbacks) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    return quiet_trainer(
         num_sanity_val_steps=0,
         callbacks=[
             TrainingPlanCallback(),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from common import bench_args, interleave, machine, table
+from common import bench_args, interleave, machine, quiet_trainer, table
 
 from train_template.callbacks import FiniteLossGuard, TrainingPlanCallback  # noqa: E402
 from train_template.checkpointing import RNGStateCallback, SaveOnPreemption  # noqa: E402
@@ -46,16 +46,9 @@ def template_epoch(data_dir: Path, network, batch_size: int, log_dir: str) -> fl
     model = ClassifierModule(network(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     data = ShardDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
     timer = EpochTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        limit_val_batches=0,
-        log_every_n_steps=1,
+    trainer = quiet_trainer(
         logger=pl.loggers.CSVLogger(log_dir),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        log_every_n_steps=1,
         callbacks=[
             TrainingPlanCallback(warmup_fraction=0.05),
             FiniteLossGuard(),
@@ -94,17 +87,7 @@ def bare_lightning_epoch(data_dir: Path, network, batch_size: int) -> float:
     torch.manual_seed(0)
     data = ShardDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
     timer = EpochTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
+    trainer = quiet_trainer([timer])
     trainer.fit(BareModule(network()), data)
     return timer.seconds / timer.steps * 1000
 

@@ -23,6 +23,24 @@ def bench_args(doc: str | None, samples: int | None = None):
     return parser.parse_args()
 
 
+def quiet_trainer(callbacks: list, logger=False, **overrides):
+    """A 2-epoch CPU Trainer without validation, checkpointing, progress bar or summary:
+    the set-up every timed fit here shares, so only the measured part differs."""
+    import lightning.pytorch as pl
+
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        limit_val_batches=0,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**settings, **overrides}, callbacks=callbacks)
+
+
 def interleave(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
     """Run every case once per round, ``repeats`` rounds, so drift hits all cases alike."""
     results: dict[str, list[float]] = {name: [] for name in cases}
