@@ -9,7 +9,6 @@ process killed mid-write never leaves a partial file under a checkpoint's name
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -58,7 +58,7 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 class RNGStateCallback(Callback):
-    """Saves torch, numpy and Python RNG states so dropout after a resume is unchanged.
+    """Saves the torch, CUDA, numpy and Python RNG states so dropout after a resume is unchanged.
 
     Lightning checkpoints do not hold the global RNG states; without them a resumed
     run draws different dropout masks and ends with different weights. The state is
@@ -70,12 +70,11 @@ class RNGStateCallback(Callback):
         self._restored: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "torch": torch.get_rng_state(),
-            # As tensors and ints: checkpoints are loaded with weights_only=True.
-            "numpy": _numpy_state_to_safe(np.random.get_state()),
-            "python": random.getstate(),
-        }
+        states = _collect_rng_states(include_cuda=True)  # torch, CUDA, numpy, Python
+        # numpy's state holds an ndarray; as tensors and ints, checkpoints still load with
+        # weights_only=True.
+        states["numpy"] = _numpy_state_to_safe(states["numpy"])
+        return states
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict
@@ -85,9 +84,9 @@ class RNGStateCallback(Callback):
     ) -> None:
         if self._restored is None:
             return
-        torch.set_rng_state(self._restored["torch"])
-        np.random.set_state(_numpy_state_from_safe(self._restored["numpy"]))
-        random.setstate(self._restored["python"])
+        _set_rng_states(
+            {**self._restored, "numpy": _numpy_state_from_safe(self._restored["numpy"])}
+        )
         self._restored = None
 
 
