@@ -57,7 +57,7 @@ class TrainingPlanCallback(Callback):
         return make_plan(**loader_and_trainer, max_samples=self.max_samples, warmup=self.warmup)
 
     def plan_for(
-        self, trainer: pl.Trainer, batches_per_epoch: int, samples_per_rank: int | None
+        self, trainer: pl.Trainer, batches_per_epoch: int, rank_samples: list[int] | None
     ) -> TrainingPlan:
         """The plan for this trainer's settings and a measured loader length."""
         return self.make(
@@ -66,7 +66,7 @@ class TrainingPlanCallback(Callback):
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             devices=trainer.num_devices,
             num_nodes=trainer.num_nodes,
-            samples_per_rank=samples_per_rank,
+            rank_samples=rank_samples,
             max_epochs=trainer.max_epochs,
             max_steps=trainer.max_steps,
         )
@@ -75,7 +75,7 @@ class TrainingPlanCallback(Callback):
         batches = trainer.num_training_batches
         if not isinstance(batches, int) or math.isinf(batches):
             raise UserError("the train loader has no length: the plan needs a sized loader")
-        samples = _samples_per_rank(trainer)
+        samples = _rank_samples(trainer)
         counts = _batch_counts_of_all_ranks(trainer, pl_module, batches)
         plan = self.plan_for(trainer, batches, samples)
         # Every rank must reach the same decision (one raising while another waits in a
@@ -86,8 +86,9 @@ class TrainingPlanCallback(Callback):
             raise _plan_changed(changed_inputs(saved, plan))
         if len(set(counts)) > 1:
             raise UserError(
-                f"ranks would train on different batch counts per epoch {counts}: set "
-                "--data.drop_last true so litdata gives every rank the same number of samples"
+                f"ranks would train on different batch counts per epoch {counts}, which hangs "
+                "DDP: make train_dataloader yield the same count on every rank (as "
+                "ShardDataModule does by padding short ranks)"
             )
         if saved is not None and (changes := changed_inputs(saved, plan)):
             raise _plan_changed(changes)
@@ -120,10 +121,15 @@ def _batch_size(trainer: pl.Trainer) -> int:
     return int(batch_size)
 
 
-def _samples_per_rank(trainer: pl.Trainer) -> int | None:
-    dataset = getattr(trainer.train_dataloader, "dataset", None)
+def _rank_samples(trainer: pl.Trainer) -> list[int] | None:
+    """Every rank's own samples per epoch: a padded loader knows all of them; a plain
+    one means the ranks are even, so this rank's count stands for each."""
+    loader = trainer.train_dataloader
+    if (known := getattr(loader, "rank_samples", None)) is not None:
+        return list(known)
+    dataset = getattr(loader, "dataset", None)
     try:
-        return len(dataset) if dataset is not None else None
+        return [len(dataset)] * trainer.world_size if dataset is not None else None
     except TypeError:
         return None
 

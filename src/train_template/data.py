@@ -9,11 +9,15 @@ StreamingDataLoader's state for mid-epoch checkpoints, and ``train_dataloader``
 aligns the loader's epoch counter with the trainer's, so that resuming from an
 end-of-epoch checkpoint shuffles the next epoch as the uninterrupted run would
 (a fresh loader would otherwise replay epoch 1's order; litData #775).
+
+Every rank yields the same number of train batches: where litdata's split is uneven
+(no drop_last), ``even_batches.EvenBatchesLoader`` pads the short ranks.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +25,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
+from litdata.utilities.env import _DistributedEnv
 
 from train_template.errors import UserError
+from train_template.even_batches import EvenBatchesLoader
 
 SPLITS = ("train", "val", "test")
 # Settings whose change on resume would silently change which samples come next.
@@ -45,6 +51,32 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "image": images,
         "label": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
     }
+
+
+class _PaddedRanksNotice(logging.Filter):
+    """Drops litdata's warning that drop_last=False may stall collectives in DDP: the
+    short ranks are padded (``EvenBatchesLoader``), so it does not apply here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "disabled the `drop_last` option" not in record.getMessage()
+
+
+logging.getLogger("litdata.streaming.dataset").addFilter(_PaddedRanksNotice())
+
+
+def view_as_rank(dataset: StreamingDataset, world_size: int, rank: int) -> StreamingDataset:
+    """Set the rank a dataset reads as, always as one node.
+
+    From its second epoch on, litdata (0.2.7x) reshuffles chunks only among the ranks
+    of each node when it believes there are several nodes (on GPUs: world size //
+    GPUs per node). Chunks that straddle two nodes are then read by both and each
+    node's sample count changes: measured with 2 nodes, both trained on the same 96
+    samples in epoch 2, and unequal counts would hang DDP. The one-node view keeps
+    litdata's global per-epoch shuffle, every sample once per epoch, on every epoch.
+    Only chunk-cache locality on remote data is given up.
+    """
+    dataset.distributed_env = _DistributedEnv(world_size, rank, 1)
+    return dataset
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -86,6 +118,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.seed = seed
         self.predict_split = predict_split
         self.datasets: dict[str, StreamingDataset] = {}
+        self.train_layout: list[tuple[int, int]] = []  # (batches, samples) of every rank
 
     def split_dir(self, split: str) -> str:
         if "://" in self.data_dir:
@@ -151,7 +184,8 @@ class ShardDataModule(pl.LightningDataModule):
             raise UserError(
                 f"--data.data_dir={self.data_dir}: the '{split}' split is empty: prepare it with more data"
             )
-        return dataset
+        detected = dataset.distributed_env
+        return view_as_rank(dataset, detected.world_size, detected.global_rank)
 
     def setup(self, stage: str) -> None:
         needed = {
@@ -163,11 +197,15 @@ class ShardDataModule(pl.LightningDataModule):
         for split in needed:
             if split not in self.datasets:
                 self.datasets[split] = self.make_dataset(split)
-        dataset = self.datasets.get("train")
-        # Lightning would silently skip training on an empty epoch. litdata applies
-        # drop_last per rank inside the dataset, so its length says it without a loader.
-        if stage == "fit" and dataset.get_len(self.num_workers, self.batch_size) == 0:
-            world_size = dataset.distributed_env.world_size
+        if stage != "fit":
+            return
+        # Every rank's batch count, computed identically on every rank, so they all
+        # make the same decision here and pad to the same length later.
+        world_size = self.datasets["train"].distributed_env.world_size
+        self.train_layout = self.train_batches_per_rank(world_size)
+        # Lightning would silently skip training on an empty epoch; a rank left with
+        # none while others have some is padded instead.
+        if max(batches for batches, _ in self.train_layout) == 0:
             raise UserError(
                 f"the train split has {self.split_size('train')} samples: split over {world_size} "
                 f"rank(s) that is fewer than one batch of --data.batch_size={self.batch_size} per "
@@ -190,7 +228,7 @@ class ShardDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def train_dataloader(self) -> StreamingDataLoader:
+    def train_dataloader(self) -> StreamingDataLoader | EvenBatchesLoader:
         loader = self._loader("train")
         if self.trainer is not None:
             # StreamingDataLoader counts epochs itself (+1 per iteration) and shuffles with
@@ -198,7 +236,20 @@ class ShardDataModule(pl.LightningDataModule):
             # it at the trainer's epoch so epoch k+1 gets epoch k+1's order. Mid-epoch
             # resumes overwrite this from the checkpoint's loader state.
             loader.current_epoch = self.trainer.fit_loop.epoch_progress.current.processed
-        return loader
+        env = self.datasets["train"].distributed_env
+        batches = [count for count, _ in self.train_layout]
+        if len(set(batches)) <= 1:
+            return loader
+        return EvenBatchesLoader(
+            loader,
+            batches_per_epoch=max(batches),
+            padding_source=self.make_dataset("train"),
+            split_size=self.split_size("train"),
+            collate_fn=collate_samples,
+            seed=self.seed,
+            rank=env.global_rank,
+            rank_samples=tuple(samples for _, samples in self.train_layout),
+        )
 
     def val_dataloader(self) -> StreamingDataLoader:
         return self._loader("val")
@@ -209,20 +260,20 @@ class ShardDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> StreamingDataLoader:
         return self._loader(self.predict_split)
 
-    def train_batches_per_rank(self, world_size: int, num_nodes: int = 1) -> list[tuple[int, int]]:
-        """(batches, samples) each rank's train loader yields at a given world size.
+    def train_batches_per_rank(self, world_size: int) -> list[tuple[int, int]]:
+        """(batches, samples) each rank's own train loader yields at a given world size.
 
-        Used by the dry run for world sizes this machine does not have. It asks litdata
-        itself (its shuffler's ``get_len`` under a stand-in distributed environment),
-        so it is the same computation the real ranks make, not a second formula.
+        Used for padding short ranks and by the dry run for world sizes this machine does
+        not have. It asks litdata itself (its shuffler's ``get_len`` under each rank's
+        view), so it is the same computation the real ranks make, not a second formula.
+        The counts are the same every epoch: litdata's single-node assignment only
+        permutes which chunks go where (see ``view_as_rank``).
         """
-        from litdata.utilities.env import _DistributedEnv
-
+        dataset = self.make_dataset("train")
+        loader = self._loader("train", dataset)
         per_rank = []
         for rank in range(world_size):
-            dataset = self.make_dataset("train")
-            dataset.distributed_env = _DistributedEnv(world_size, rank, num_nodes)
-            loader = self._loader("train", dataset)
+            view_as_rank(dataset, world_size, rank)
             per_rank.append((len(loader), len(dataset)))
         return per_rank
 

@@ -28,14 +28,8 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
             f"--trainer.devices={trainer.devices}: the dry run needs a device count, e.g. --trainer.devices 8"
         )
     devices = world_size // num_nodes
-    per_rank = datamodule.train_batches_per_rank(world_size, num_nodes)
-    counts = sorted({batches for batches, _ in per_rank})
-    if len(counts) > 1:
-        raise UserError(
-            f"at world size {world_size} the ranks would get different batch counts {counts}: "
-            "set --data.drop_last true"
-        )
-    length, samples = per_rank[0]
+    per_rank = datamodule.train_batches_per_rank(world_size)
+    length = max(batches for batches, _ in per_rank)  # short ranks are padded to it
     limit = 1.0 if trainer.limit_train_batches is None else trainer.limit_train_batches
     batches = _parse_num_batches(RunningStage.TRAINING, length, limit)
     max_epochs = trainer.max_epochs
@@ -48,7 +42,7 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
         accumulate_grad_batches=trainer.accumulate_grad_batches,
         devices=devices,
         num_nodes=num_nodes,
-        samples_per_rank=samples,
+        rank_samples=[samples for _, samples in per_rank],
         max_epochs=max_epochs,
         max_steps=trainer.max_steps,
     )

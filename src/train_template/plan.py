@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from train_template.errors import UserError
@@ -71,7 +72,7 @@ class TrainingPlan:
     accumulate_grad_batches: int
     global_batch_size: int
     batches_per_epoch: int  # per rank, after sharding, drop_last and limit_train_batches
-    samples_per_epoch: int  # all ranks together
+    samples_per_epoch: int  # distinct samples, all ranks together (padding not counted)
     steps_per_epoch: int
     epochs: int
     max_steps: int
@@ -110,7 +111,7 @@ def make_plan(
     accumulate_grad_batches: int,
     devices: int = 1,
     num_nodes: int = 1,
-    samples_per_rank: int | None = None,
+    rank_samples: Sequence[int] | None = None,
     max_epochs: int | None = None,
     max_steps: int = -1,
     max_samples: int | None = None,
@@ -118,8 +119,9 @@ def make_plan(
 ) -> TrainingPlan:
     """Derive the plan; raises PlanError with a one-line fix for impossible inputs.
 
-    ``samples_per_rank`` is what one rank's loader yields per epoch (defaults to full
-    batches); it only matters for reporting and for ``max_samples``.
+    ``rank_samples`` is what each rank's own loader yields per epoch, without padding
+    (defaults to full batches everywhere); it only matters for reporting and for
+    ``max_samples``.
     """
     if batch_size < 1:
         raise PlanError(f"--data.batch_size={batch_size}: the batch size must be at least 1")
@@ -138,10 +140,12 @@ def make_plan(
             f"(batch_size={batch_size}, world_size={world_size}): use a smaller --data.batch_size, "
             "fewer devices, more data, or --data.drop_last false"
         )
-    if samples_per_rank is None:
-        samples_per_rank = batches_per_epoch * batch_size
-    samples_per_rank = min(samples_per_rank, batches_per_epoch * batch_size)
-    samples_per_epoch = samples_per_rank * world_size
+    rank_cap = batches_per_epoch * batch_size  # limit_train_batches may cut a rank short
+    if rank_samples is None:
+        rank_samples = [rank_cap] * world_size
+    if len(rank_samples) != world_size:
+        raise ValueError(f"{len(rank_samples)} per-rank sample counts for world size {world_size}")
+    samples_per_epoch = sum(min(samples, rank_cap) for samples in rank_samples)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate_grad_batches)
     global_batch_size = batch_size * accumulate_grad_batches * world_size
 

@@ -1,0 +1,109 @@
+"""The same number of train batches on every rank: DistributedSampler-style padding.
+
+Without drop_last litdata hands the leftover samples to the last rank (203 samples,
+batch 8, 2 ranks: 96 and 107 samples, 12 and 14 batches). A rank that runs out of
+batches first would leave the others waiting forever in the gradient all-reduce. As
+torch's ``DistributedSampler(drop_last=False)`` does, the short ranks repeat samples:
+after their own stream they yield full batches drawn from the whole split, seeded by
+(seed, epoch, rank), so every rank steps together and no sample is dropped. The
+padding samples are seen twice in that epoch.
+
+Exact resume: the state is litdata's own loader state plus how many batches this
+epoch has yielded, so a checkpoint taken while padding resumes inside the padding
+instead of starting litdata's next epoch early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from litdata import StreamingDataLoader, StreamingDataset
+
+
+class EvenBatchesLoader:
+    """A rank's StreamingDataLoader padded to ``batches_per_epoch`` batches."""
+
+    def __init__(
+        self,
+        loader: StreamingDataLoader,
+        batches_per_epoch: int,
+        padding_source: StreamingDataset,
+        split_size: int,
+        collate_fn: Callable[[list[Any]], Any],
+        seed: int,
+        rank: int,
+        rank_samples: tuple[int, ...],
+    ) -> None:
+        """
+        Args:
+            loader: This rank's own loader; it yields at most ``batches_per_epoch`` batches.
+            batches_per_epoch: The most batches any rank's loader yields.
+            padding_source: The whole split, read by global index for padding samples.
+            split_size: Samples in the whole split (all ranks).
+            collate_fn: Turns padding samples into a batch like the loader's.
+            seed: Data seed; padding draws depend on it, the epoch and the rank.
+            rank: This rank's global rank.
+            rank_samples: Every rank's own samples per epoch (for the plan's sample count).
+        """
+        self.loader = loader
+        self.batches_per_epoch = batches_per_epoch
+        self.own_batches = len(loader)
+        self.padding_source = padding_source
+        self.split_size = split_size
+        self.collate_fn = collate_fn
+        self.seed = seed
+        self.rank = rank
+        self.rank_samples = rank_samples
+        self.batches_yielded = 0
+        self._restored: int | None = None
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.loader.batch_size
+
+    @property
+    def restore(self) -> bool:
+        return self.loader.restore
+
+    @restore.setter
+    def restore(self, value: bool) -> None:
+        self.loader.restore = value
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        restored, self._restored = self._restored, None
+        if restored and self.own_batches <= restored < self.batches_per_epoch:
+            # Saved while padding: the inner loader's state is its finished epoch, and
+            # iterating it now would start its next epoch early.
+            self.batches_yielded = restored
+        else:
+            # A fresh epoch, or a resume inside the own stream (litdata skips ahead).
+            mid_stream = restored is not None and restored < self.own_batches
+            self.batches_yielded = restored if mid_stream else 0
+            for batch in self.loader:
+                self.batches_yielded += 1  # counted before the yield, like litdata's own state
+                yield batch
+        first = self.batches_yielded - self.own_batches
+        for pad_index in range(first, self.batches_per_epoch - self.own_batches):
+            self.batches_yielded += 1
+            yield self.padding_batch(pad_index)
+
+    def padding_batch(self, pad_index: int) -> Any:
+        """The ``pad_index``-th padding batch of this rank's current epoch (deterministic)."""
+        batch_size = int(self.batch_size or 1)
+        needed = (self.batches_per_epoch - self.own_batches) * batch_size
+        rng = np.random.default_rng([self.seed, self.loader.current_epoch, self.rank])
+        draws = rng.choice(self.split_size, needed, replace=needed > self.split_size)
+        ids = draws[pad_index * batch_size : (pad_index + 1) * batch_size]
+        return self.collate_fn([self.padding_source[int(i)] for i in ids])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "batches_yielded": self.batches_yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self._restored = int(state["batches_yielded"])

@@ -1,0 +1,87 @@
+"""Every rank yields the same number of train batches, on real litdata loaders.
+
+Each rank's data module is built in this process with the environment a launcher sets
+(WORLD_SIZE, GLOBAL_RANK, and NNODES, which litdata derives itself on multi-node GPU
+jobs); litdata reads nothing else to decide its rank, so no process group is needed to
+see exactly which samples a rank would get.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import write_shards
+from litdata import StreamingDataLoader
+
+from train_template.data import ShardDataModule
+from train_template.even_batches import EvenBatchesLoader
+
+NUM_TRAIN = 203  # 12 + 14 batches of 8 over two ranks without drop_last
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("even-shards"), NUM_TRAIN)
+
+
+def rank_loader(monkeypatch, shards: Path, rank: int, world_size: int = 2, **data):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("GLOBAL_RANK", str(rank))
+    module = ShardDataModule(data_dir=str(shards), batch_size=8, **{"drop_last": False, **data})
+    module.setup("fit")
+    return module.train_dataloader()
+
+
+def epoch_ids(loader, epochs: int) -> list[list[list[int]]]:
+    return [[batch["index"].tolist() for batch in loader] for _ in range(epochs)]
+
+
+def test_short_rank_is_padded_and_every_sample_is_seen(monkeypatch, shards):
+    loaders = [rank_loader(monkeypatch, shards, rank) for rank in range(2)]
+    assert all(isinstance(loader, EvenBatchesLoader) for loader in loaders)
+    assert [loader.own_batches for loader in loaders] == [12, 14]
+    assert [len(loader) for loader in loaders] == [14, 14]
+    assert loaders[0].rank_samples == (96, 107)
+    runs = [epoch_ids(loader, 2) for loader in loaders]
+    for epoch in range(2):
+        short, full = runs[0][epoch], runs[1][epoch]
+        assert len(short) == len(full) == 14
+        own = [i for batch in short[:12] for i in batch] + [i for batch in full for i in batch]
+        assert sorted(own) == list(range(NUM_TRAIN))  # each sample once, none dropped
+        assert [len(batch) for batch in short[12:]] == [8, 8]  # padding: full batches
+        assert set(i for batch in short[12:] for i in batch) <= set(range(NUM_TRAIN))
+    assert runs[0][0][12:] != runs[0][1][12:]  # padding draws change with the epoch
+
+
+def test_even_ranks_keep_the_plain_streaming_loader(monkeypatch, shards):
+    loader = rank_loader(monkeypatch, shards, 0, drop_last=True)
+    assert type(loader) is StreamingDataLoader and len(loader) == 12
+
+
+@pytest.mark.parametrize("cut", [5, 12, 13])  # inside the own stream, at its end, in padding
+def test_resume_on_the_short_rank_continues_exactly(monkeypatch, shards, cut):
+    expected = epoch_ids(rank_loader(monkeypatch, shards, 0), 3)
+    loader = rank_loader(monkeypatch, shards, 0)
+    first_epoch = epoch_ids(loader, 1)[0]
+    seen = []
+    for batch in loader:
+        seen.append(batch["index"].tolist())
+        if len(seen) == cut:
+            state = loader.state_dict()  # what Lightning saves during this batch's step
+            break
+    resumed = rank_loader(monkeypatch, shards, 0)
+    resumed.load_state_dict(state)
+    rest = epoch_ids(resumed, 2)
+    assert [first_epoch, seen + rest[0], rest[1]] == expected
+
+
+def test_multi_node_ranks_get_disjoint_samples_in_every_epoch(monkeypatch, shards):
+    """With NNODES=2 litdata would, from epoch 2 on, reshuffle within each node's chunks:
+    both nodes read the one chunk again and train on the same samples."""
+    monkeypatch.setenv("NNODES", "2")
+    loaders = [rank_loader(monkeypatch, shards, rank, drop_last=True) for rank in range(2)]
+    runs = [epoch_ids(loader, 3) for loader in loaders]
+    for epoch in range(3):
+        ids = [i for run in runs for batch in run[epoch] for i in batch]
+        assert len(ids) == len(set(ids)) == 2 * 12 * 8
