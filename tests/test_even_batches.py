@@ -59,21 +59,20 @@ def test_even_ranks_keep_the_plain_streaming_loader(monkeypatch, shards):
     assert type(loader) is StreamingDataLoader and len(loader) == 12
 
 
-@pytest.mark.parametrize("cut", [5, 12, 13])  # inside the own stream, at its end, in padding
-def test_resume_on_the_short_rank_continues_exactly(monkeypatch, shards, cut):
-    expected = epoch_ids(rank_loader(monkeypatch, shards, 0), 3)
-    loader = rank_loader(monkeypatch, shards, 0)
-    first_epoch = epoch_ids(loader, 1)[0]
-    seen = []
-    for batch in loader:
-        seen.append(batch["index"].tolist())
-        if len(seen) == cut:
-            state = loader.state_dict()  # what Lightning saves during this batch's step
+@pytest.mark.parametrize("cut", [5, 12, 13])  # rank 0: in its own stream, at its end, padding
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_resumes_exactly_from_rank_zeros_state(monkeypatch, shards, rank, cut):
+    """Lightning's checkpoint holds rank 0's loader state only; each rank resumes from it."""
+    expected = epoch_ids(rank_loader(monkeypatch, shards, rank), 3)
+    saver = rank_loader(monkeypatch, shards, 0)
+    epoch_ids(saver, 1)
+    for taken, _ in enumerate(saver, start=1):
+        if taken == cut:
+            state = saver.state_dict()  # what Lightning saves during this batch's step
             break
-    resumed = rank_loader(monkeypatch, shards, 0)
+    resumed = rank_loader(monkeypatch, shards, rank)
     resumed.load_state_dict(state)
-    rest = epoch_ids(resumed, 2)
-    assert [first_epoch, seen + rest[0], rest[1]] == expected
+    assert epoch_ids(resumed, 2) == [expected[1][cut:], expected[2]]
 
 
 def test_multi_node_ranks_get_disjoint_samples_in_every_epoch(monkeypatch, shards):

@@ -194,3 +194,45 @@ def test_resume_with_another_world_size_is_refused(tmp_path, shards):
     assert result.returncode != 0
     assert "the checkpoint was trained with another plan (world_size 1 -> 2" in result.stderr
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+@pytest.mark.ddp
+def test_ddp_padded_rank_resumes_exactly_inside_and_before_its_padding(tmp_path):
+    """2 ranks, 203 samples, batch 8, drop_last false: rank 0 yields 12 own batches and
+    2 padding batches per epoch. Checkpoints at global steps 9 (rank 0 mid-stream) and
+    27 (epoch 1, batch 12: rank 0 inside its padding) are each resumed in a new run
+    directory; every later step trains on the same samples with the same LR as the
+    uninterrupted run, and the final weights are identical."""
+    shards = write_shards(tmp_path / "shards", 203)
+    extra = [
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--data.drop_last",
+        "false",
+        "--checkpoint.every_n_train_steps",
+        "9",
+        "--checkpoint.monitor",
+        "null",
+        "--checkpoint.save_top_k",
+        "-1",
+    ]
+    reference = tmp_path / "reference"
+    run(fit_args(reference, shards, *extra, config="ddp"))
+    ref = read_samples(reference)
+    assert len([k for k in ref if k[0] == 0 and k[1] == 0]) == 14  # 12 own + 2 padding
+    for step, epoch, batch in ((9, 0, 8), (27, 1, 12)):
+        resumed = tmp_path / f"resumed-{step}"
+        (checkpoint,) = (reference / "checkpoints").glob(f"*-step{step:06d}.ckpt")
+        run(fit_args(resumed, shards, *extra, "--ckpt_path", str(checkpoint), config="ddp"))
+        res = read_samples(resumed)
+        assert ref[(0, epoch, batch)]["global_step"] == step
+        assert res.keys() == {k for k, rec in ref.items() if rec["global_step"] > step}
+        for key, record in res.items():
+            assert (record["ids"], record["lr"]) == (ref[key]["ids"], ref[key]["lr"]), key
+        a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+        b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+        assert a["global_step"] == b["global_step"] == 42
+        for name, tensor in a["state_dict"].items():
+            assert torch.equal(tensor, b["state_dict"][name]), name

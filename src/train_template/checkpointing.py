@@ -58,35 +58,44 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 class RNGStateCallback(Callback):
-    """Saves the torch, CUDA, numpy and Python RNG states so dropout after a resume is unchanged.
+    """Saves every rank's torch, CUDA, numpy and Python RNG states so dropout after a
+    resume is unchanged.
 
     Lightning checkpoints do not hold the global RNG states; without them a resumed
-    run draws different dropout masks and ends with different weights. The state is
-    put back at the first training batch: between ``on_train_start`` and that batch
-    Lightning's loops still draw from the global generator.
+    run draws different dropout masks and ends with different weights. Ranks drift
+    apart (a short last batch or a padding batch draws a different number of dropout
+    values), and only rank 0 writes the checkpoint, so the states are gathered from
+    all ranks. They are put back at the first training batch: between
+    ``on_train_start`` and that batch Lightning's loops still draw from the global
+    generator.
     """
 
     def __init__(self) -> None:
-        self._restored: dict[str, Any] | None = None
+        self._restored: list[dict[str, Any]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
+        # Lightning builds the checkpoint on every rank (only rank 0 writes it), so a
+        # collective is safe here.
         states = _collect_rng_states(include_cuda=True)  # torch, CUDA, numpy, Python
         # numpy's state holds an ndarray; as tensors and ints, checkpoints still load with
         # weights_only=True.
         states["numpy"] = _numpy_state_to_safe(states["numpy"])
-        return states
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return {"ranks": [states]}
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, states)
+        return {"ranks": gathered}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = state_dict
+        self._restored = state_dict.get("ranks")
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._restored is None:
+        if not self._restored:
             return
-        _set_rng_states(
-            {**self._restored, "numpy": _numpy_state_from_safe(self._restored["numpy"])}
-        )
+        states = self._restored[min(trainer.global_rank, len(self._restored) - 1)]
+        _set_rng_states({**states, "numpy": _numpy_state_from_safe(states["numpy"])})
         self._restored = None
 
 

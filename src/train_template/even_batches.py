@@ -10,11 +10,14 @@ padding samples are seen twice in that epoch.
 
 Exact resume: the state is litdata's own loader state plus how many batches this
 epoch has yielded, so a checkpoint taken while padding resumes inside the padding
-instead of starting litdata's next epoch early.
+instead of starting litdata's next epoch early. Lightning writes rank 0's loader state
+only; litdata's counters are per rank (the same on every rank when the split is even,
+not here), so each rank rebuilds its own from the batch count all ranks share.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -105,5 +108,25 @@ class EvenBatchesLoader:
         return {"loader": self.loader.state_dict(), "batches_yielded": self.batches_yielded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state["loader"])
-        self._restored = int(state["batches_yielded"])
+        yielded = int(state["batches_yielded"])
+        self.loader.load_state_dict(self.own_loader_state(state["loader"], yielded))
+        self._restored = yielded
+
+    def own_loader_state(self, saved: dict[str, Any], batches_yielded: int) -> dict[str, Any]:
+        """Another rank's litdata loader state, rewritten to this rank's position.
+
+        litdata counts ``batch_size`` samples per batch yielded (the short last batch
+        included) and cycles through its workers one batch each; a rank whose stream
+        already ended has its dataset's epoch moved on, which must not leak to a rank
+        still inside it.
+        """
+        own = min(batches_yielded, self.own_batches)
+        samples = own * int(self.batch_size or 1)
+        workers = max(1, self.loader.num_workers)
+        state = copy.deepcopy(saved)
+        state["num_samples_yielded"] = samples
+        state["latest_worker_idx"] = (own - 1) % workers if own else 0
+        state["dataset"]["num_samples_yielded"] = samples
+        state["dataset"]["sample_in_epoch"] = samples * int(state["dataset"]["world_size"])
+        state["dataset"]["current_epoch"] = state["current_epoch"]
+        return state
