@@ -86,12 +86,10 @@ def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bo
 
 
 def recorder_config(run_dir: Path) -> Path:
-    """A config overlay that adds the sample-id audit callback (and keeps the LR monitor)."""
+    """A config overlay that adds the sample-id audit callback."""
     path = run_dir.parent / f"{run_dir.name}-audit.yaml"
     path.write_text(
         "trainer:\n  callbacks:\n"
-        "    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n"
-        "      init_args: {logging_interval: step}\n"
         "    - class_path: train_template.callbacks.SampleIdRecorder\n"
         f"      init_args: {{out_dir: {run_dir / 'samples'}}}\n"
     )

@@ -40,8 +40,12 @@ def test_embedded_default_trains_to_95_percent_and_predicts(tmp_path, digits_dir
     metrics = list(
         csv.DictReader(open(sorted((run_dir / "logs").glob("version_*/metrics.csv"))[-1]))
     )
-    lr_steps = {row["step"] for row in metrics if row.get("lr-AdamW")}
-    assert len(lr_steps) == plan["max_steps"]  # one LR per optimizer step
+    lrs = {int(row["step"]): float(row["lr-AdamW"]) for row in metrics if row.get("lr-AdamW")}
+    assert sorted(lrs) == list(range(plan["max_steps"]))  # the LR of every optimizer step
+    assert lrs[0] == pytest.approx(0.003 * 0.01) and lrs[674] == pytest.approx(0.003 * 0.05)
+    # train/loss on the steps Lightning writes with log_every_n_steps: 10, none lost
+    loss_steps = sorted(int(row["step"]) for row in metrics if row.get("train/loss"))
+    assert loss_steps == list(range(9, plan["max_steps"], 10))
 
     tested = run(train_cmd("test", run_dir, digits_dir, "--ckpt_path", "last"))
     accuracy = float(

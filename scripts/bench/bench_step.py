@@ -1,10 +1,15 @@
 """Per-step training time: the template's fit machinery vs a hand-written PyTorch loop.
 
 Same network, same StreamingDataLoader batches, same optimizer and LR schedule; the
-template runs the real ClassifierModule with the plan, guards, checkpoint-RNG and
-preemption callbacks and a CSV logger logging every step. Timed: one warm epoch.
+template runs the real ClassifierModule with the plan, guards, checkpoint-RNG,
+preemption and per-step LR callbacks and a CSV logger, logging as the default config
+does (LR every step, train/loss every 10). Timed: one warm epoch.
 
     .venv/bin/python scripts/bench/bench_step.py [--repeats 5]
+    .venv/bin/python scripts/bench/bench_step.py --accelerator gpu --precision bf16-mixed
+
+On a GPU the raw loop moves each batch to the device and runs under
+``torch.autocast(bfloat16)``, the Lightning cases use ``precision="bf16-mixed"``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from common import bench_args, interleave, machine, quiet_trainer, table
 
-from train_template.callbacks import FiniteLossGuard, TrainingPlanCallback  # noqa: E402
+from train_template.callbacks import (  # noqa: E402
+    FiniteLossGuard,
+    StepLRLogger,
+    TrainingPlanCallback,
+)
 from train_template.checkpointing import RNGStateCallback, SaveOnPreemption  # noqa: E402
 from train_template.data import ShardDataModule  # noqa: E402
 from train_template.data_prep import prepare  # noqa: E402
@@ -32,31 +41,40 @@ SIZES = {
 }
 
 
+def sync() -> None:
+    """Queued GPU work counts: wait for it before reading the clock."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class EpochTimer(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
+        sync()
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
+        sync()
         self.seconds = time.perf_counter() - self.start
         self.steps = trainer.num_training_batches
 
 
-def template_epoch(data_dir: Path, network, batch_size: int, log_dir: str) -> float:
+def template_epoch(data_dir: Path, network, batch_size: int, log_dir: str, **device) -> float:
     torch.manual_seed(0)
     model = ClassifierModule(network(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     data = ShardDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
     timer = EpochTimer()
     trainer = quiet_trainer(
         logger=pl.loggers.CSVLogger(log_dir),
-        log_every_n_steps=1,
+        log_every_n_steps=10,  # as configs/default.yaml
         callbacks=[
             TrainingPlanCallback(warmup_fraction=0.05),
             FiniteLossGuard(),
             RNGStateCallback(),
             SaveOnPreemption(),
-            pl.callbacks.LearningRateMonitor("step"),
+            StepLRLogger(),
             timer,
         ],
+        **device,
     )
     trainer.fit(model, data)  # epoch 1 warms up; the timer keeps epoch 2
     return timer.seconds / timer.steps * 1000
@@ -83,18 +101,19 @@ class BareModule(pl.LightningModule):
         }
 
 
-def bare_lightning_epoch(data_dir: Path, network, batch_size: int) -> float:
+def bare_lightning_epoch(data_dir: Path, network, batch_size: int, **device) -> float:
     torch.manual_seed(0)
     data = ShardDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
     timer = EpochTimer()
-    trainer = quiet_trainer([timer])
+    trainer = quiet_trainer([timer], **device)
     trainer.fit(BareModule(network()), data)
     return timer.seconds / timer.steps * 1000
 
 
-def raw_epoch(data_dir: Path, network, batch_size: int) -> float:
+def raw_epoch(data_dir: Path, network, batch_size: int, accelerator: str, precision: str) -> float:
     torch.manual_seed(0)
-    net = network()
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    net = network().to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     data = ShardDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
     data.setup("fit")
@@ -103,32 +122,40 @@ def raw_epoch(data_dir: Path, network, batch_size: int) -> float:
     factor.set_length(len(loader) // 20, 2 * len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     for _ in range(2):  # epoch 1 warms up like the template's
+        sync()
         start = time.perf_counter()
         for batch in loader:
-            loss = torch.nn.functional.cross_entropy(net(batch["image"]), batch["label"])
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16-mixed"):
+                loss = torch.nn.functional.cross_entropy(net(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+        sync()
         seconds = time.perf_counter() - start
     return seconds / len(loader) * 1000
 
 
 def main() -> None:
-    args = bench_args(__doc__)
+    args = bench_args(__doc__, device=True)
+    device = {"accelerator": args.accelerator, "precision": args.precision}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "digits"
         prepare("digits", data_dir, num_workers=0, log=lambda *_: None)
-        print(f"# Per-step time: template vs raw loop\n\n{machine()}\n")
+        print(f"# Per-step time: template vs raw loop\n\n{machine()}, {device}\n")
         for size, (network, batch_size) in SIZES.items():
             results = interleave(
                 {
-                    "raw PyTorch loop": lambda n=network, b=batch_size: raw_epoch(data_dir, n, b),
+                    "raw PyTorch loop": lambda n=network, b=batch_size: raw_epoch(
+                        data_dir, n, b, **device
+                    ),
                     "bare Lightning": lambda n=network, b=batch_size: bare_lightning_epoch(
-                        data_dir, n, b
+                        data_dir, n, b, **device
                     ),
                     "template fit": lambda n=network, b=batch_size: template_epoch(
-                        data_dir, n, b, tmp
+                        data_dir, n, b, tmp, **device
                     ),
                 },
                 args.repeats,

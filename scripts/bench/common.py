@@ -12,14 +12,18 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 
-def bench_args(doc: str | None, samples: int | None = None):
-    """--repeats (and --samples where the benchmark sizes its data)."""
+def bench_args(doc: str | None, samples: int | None = None, device: bool = False):
+    """--repeats (and --samples where the benchmark sizes its data, --accelerator and
+    --precision where it can run on a GPU)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions")
     if samples is not None:
         parser.add_argument("--samples", type=int, default=samples, help="synthetic samples")
+    if device:
+        parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+        parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
     return parser.parse_args()
 
 

@@ -153,6 +153,30 @@ def _plan_changed(changes: list[str]) -> UserError:
     )
 
 
+class StepLRLogger(Callback):
+    """The learning rate of every optimizer step in the loggers, as ``lr-<Optimizer>``.
+
+    Lightning's LearningRateMonitor writes only on ``log_every_n_steps`` steps, so a
+    complete LR curve needed ``log_every_n_steps: 1``, and that makes every logged
+    metric a row per step too (about 0.4 ms per step, 30% of a tiny model's step on
+    a CPU). This hands one float per step straight to the loggers instead.
+    """
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if not trainer.loggers:
+            return
+        name = f"lr-{type(optimizer).__name__}"
+        groups = optimizer.param_groups
+        if len(groups) == 1:
+            metrics = {name: groups[0]["lr"]}
+        else:
+            metrics = {f"{name}/pg{i + 1}": group["lr"] for i, group in enumerate(groups)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
 class StreamingResumeGuard(Callback):
     """Keeps a resumed StreamingDataLoader from replaying its restored state next epoch.
 

@@ -25,6 +25,7 @@ from train_template import launch
 from train_template.callbacks import (
     FiniteLossGuard,
     PredictionWriter,
+    StepLRLogger,
     StreamingResumeGuard,
     TrainingPlanCallback,
 )
@@ -61,6 +62,7 @@ class TemplateCLI(LightningCLI):
                     SaveOnPreemption(),
                     FiniteLossGuard(),
                     PredictionWriter(),
+                    StepLRLogger(),
                 ]
             },
         )
