@@ -59,18 +59,22 @@ def test_even_ranks_keep_the_plain_streaming_loader(monkeypatch, shards):
     assert type(loader) is StreamingDataLoader and len(loader) == 12
 
 
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("cut", [5, 12, 13])  # rank 0: in its own stream, at its end, padding
 @pytest.mark.parametrize("rank", [0, 1])
-def test_every_rank_resumes_exactly_from_rank_zeros_state(monkeypatch, shards, rank, cut):
+def test_every_rank_resumes_exactly_from_rank_zeros_state(
+    monkeypatch, shards, rank, cut, num_workers
+):
     """Lightning's checkpoint holds rank 0's loader state only; each rank resumes from it."""
-    expected = epoch_ids(rank_loader(monkeypatch, shards, rank), 3)
-    saver = rank_loader(monkeypatch, shards, 0)
+    workers = {"num_workers": num_workers}
+    expected = epoch_ids(rank_loader(monkeypatch, shards, rank, **workers), 3)
+    saver = rank_loader(monkeypatch, shards, 0, **workers)
     epoch_ids(saver, 1)
     for taken, _ in enumerate(saver, start=1):
         if taken == cut:
             state = saver.state_dict()  # what Lightning saves during this batch's step
             break
-    resumed = rank_loader(monkeypatch, shards, rank)
+    resumed = rank_loader(monkeypatch, shards, rank, **workers)
     resumed.load_state_dict(state)
     assert epoch_ids(resumed, 2) == [expected[1][cut:], expected[2]]
 
