@@ -137,9 +137,9 @@ def test_short_last_window_gets_the_gradient_of_its_own_batches(tmp_path, scale)
     data = ShardDataModule(str(data_dir), batch_size=8, shuffle=False)
     data.setup("fit")
     by_id = {int(s["index"]): s for s in data.datasets["train"]}
-    from train_template.data import collate_samples
+    from train_template.data import collate_samples, images_to_float
 
-    batch = collate_samples([by_id[i] for i in recorder.batch_ids[4]])
+    batch = images_to_float(collate_samples([by_id[i] for i in recorder.batch_ids[4]]))
     torch.manual_seed(0)
     network = MLP()  # the fitted model's initial weights (same seed, same construction)
     # Replay step 1 (plain SGD): weights before step 2 = initial - lr_1 * grad_1.

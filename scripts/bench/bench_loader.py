@@ -34,10 +34,11 @@ class MemmapImages(torch.utils.data.Dataset):
 
 
 def memmap_collate(samples):
+    """The template collate's output: uint8 images (floats are made on the device)."""
     images = np.stack([s[1] for s in samples]).reshape(len(samples), -1)
     return {
         "index": torch.tensor([s[0] for s in samples]),
-        "image": torch.from_numpy(images.astype(np.float32) / 255.0),
+        "image": torch.from_numpy(images),
         "label": torch.tensor([int(s[2]) for s in samples]),
     }
 

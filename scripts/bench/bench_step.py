@@ -125,7 +125,7 @@ def raw_epoch(data_dir: Path, network, batch_size: int, accelerator: str, precis
         sync()
         start = time.perf_counter()
         for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
+            images = batch["image"].to(device, non_blocking=True).float().div_(255.0)
             labels = batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16-mixed"):
                 loss = torch.nn.functional.cross_entropy(net(images), labels)

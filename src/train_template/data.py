@@ -36,21 +36,29 @@ RESUME_SENSITIVE = ("batch_size", "shuffle", "drop_last", "seed", "num_workers")
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack litdata samples into tensors.
+    """Stack litdata samples into tensors; images stay uint8 (see ``images_to_float``).
 
     litdata yields ``bytes`` fields as ``memoryview``; torch's default collate would
-    turn those into one tensor per byte (about 200x slower than one ``frombuffer``).
+    turn those into one tensor per byte (about 200x slower). One C-level join and one
+    copy beat a per-row ``np.frombuffer`` loop (measured 164k vs 147k samples/s).
     """
-    first = samples[0]["image"]
-    images = np.empty((len(samples), len(first)), dtype=np.uint8)
-    for row, sample in zip(images, samples, strict=True):
-        row[:] = np.frombuffer(sample["image"], dtype=np.uint8)  # one copy, straight in place
-    images = torch.from_numpy(images).float().div_(255.0)
+    joined = b"".join([sample["image"] for sample in samples])
+    images = np.frombuffer(joined, dtype=np.uint8).reshape(len(samples), -1).copy()
     return {
-        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
-        "image": images,
-        "label": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+        "index": torch.tensor([sample["index"] for sample in samples], dtype=torch.long),
+        "image": torch.from_numpy(images),
+        "label": torch.tensor([sample["label"] for sample in samples], dtype=torch.long),
     }
+
+
+def images_to_float(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """uint8 pixels -> floats in [0, 1], after the batch reached its device.
+
+    Converting on the device keeps the loader's work and the host-to-GPU copy at one
+    byte per pixel instead of four (the loader measured 137k -> 164k samples/s).
+    """
+    batch["image"] = batch["image"].float().div_(255.0)
+    return batch
 
 
 class _PaddedRanksNotice(logging.Filter):
@@ -227,6 +235,9 @@ class ShardDataModule(pl.LightningDataModule):
             # the global torch RNG, which would shift dropout after an epoch-end resume.
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return images_to_float(batch)
 
     def train_dataloader(self) -> StreamingDataLoader | EvenBatchesLoader:
         loader = self._loader("train")
