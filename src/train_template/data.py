@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.utilities.env import _DistributedEnv
@@ -39,14 +38,14 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack litdata samples into tensors; images stay uint8 (see ``images_to_float``).
 
     litdata yields ``bytes`` fields as ``memoryview``; torch's default collate would
-    turn those into one tensor per byte (about 200x slower). One C-level join and one
-    copy beat a per-row ``np.frombuffer`` loop (measured 164k vs 147k samples/s).
+    turn those into one tensor per byte (about 200x slower). One C-level join into a
+    writable buffer is the only copy (108 us per batch of 256 3x32x32 images, against
+    129 us with a bytes join + copy and more with a per-row ``np.frombuffer`` loop).
     """
-    joined = b"".join([sample["image"] for sample in samples])
-    images = np.frombuffer(joined, dtype=np.uint8).reshape(len(samples), -1).copy()
+    images = bytearray().join([sample["image"] for sample in samples])
     return {
         "index": torch.tensor([sample["index"] for sample in samples], dtype=torch.long),
-        "image": torch.from_numpy(images),
+        "image": torch.frombuffer(images, dtype=torch.uint8).view(len(samples), -1),
         "label": torch.tensor([sample["label"] for sample in samples], dtype=torch.long),
     }
 
