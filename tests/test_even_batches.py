@@ -25,12 +25,16 @@ def shards(tmp_path_factory) -> Path:
     return write_shards(tmp_path_factory.mktemp("even-shards"), NUM_TRAIN)
 
 
-def rank_loader(monkeypatch, shards: Path, rank: int, world_size: int = 2, **data):
+def rank_module(monkeypatch, shards: Path, rank: int, world_size: int = 2, **data):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("GLOBAL_RANK", str(rank))
     module = ShardDataModule(data_dir=str(shards), batch_size=8, **{"drop_last": False, **data})
     module.setup("fit")
-    return module.train_dataloader()
+    return module
+
+
+def rank_loader(monkeypatch, shards: Path, rank: int, world_size: int = 2, **data):
+    return rank_module(monkeypatch, shards, rank, world_size, **data).train_dataloader()
 
 
 def epoch_ids(loader, epochs: int) -> list[list[list[int]]]:
@@ -42,7 +46,8 @@ def test_short_rank_is_padded_and_every_sample_is_seen(monkeypatch, shards):
     assert all(isinstance(loader, EvenBatchesLoader) for loader in loaders)
     assert [loader.own_batches for loader in loaders] == [12, 14]
     assert [len(loader) for loader in loaders] == [14, 14]
-    assert loaders[0].rank_samples == (96, 107)
+    # every rank knows every rank's own samples and batches (the plan counts these)
+    assert rank_module(monkeypatch, shards, 0).train_layout == [(12, 96), (14, 107)]
     runs = [epoch_ids(loader, 2) for loader in loaders]
     for epoch in range(2):
         short, full = runs[0][epoch], runs[1][epoch]

@@ -28,7 +28,7 @@ from train_template.callbacks import (  # noqa: E402
     TrainingPlanCallback,
 )
 from train_template.checkpointing import RNGStateCallback, SaveOnPreemption  # noqa: E402
-from train_template.data import ShardDataModule  # noqa: E402
+from train_template.data import ShardDataModule, images_to_float  # noqa: E402
 from train_template.data_prep import prepare  # noqa: E402
 from train_template.module import ClassifierModule  # noqa: E402
 from train_template.network import MLP, SmallCNN  # noqa: E402
@@ -125,8 +125,8 @@ def raw_epoch(data_dir: Path, network, batch_size: int, accelerator: str, precis
         sync()
         start = time.perf_counter()
         for batch in loader:
-            images = batch["image"].to(device, non_blocking=True).float().div_(255.0)
-            labels = batch["label"].to(device, non_blocking=True)
+            batch = images_to_float({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            images, labels = batch["image"], batch["label"]
             with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16-mixed"):
                 loss = torch.nn.functional.cross_entropy(net(images), labels)
             optimizer.zero_grad(set_to_none=True)

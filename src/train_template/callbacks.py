@@ -122,12 +122,12 @@ def _batch_size(trainer: pl.Trainer) -> int:
 
 
 def _rank_samples(trainer: pl.Trainer) -> list[int] | None:
-    """Every rank's own samples per epoch: a padded loader knows all of them; a plain
-    one means the ranks are even, so this rank's count stands for each."""
-    loader = trainer.train_dataloader
-    if (known := getattr(loader, "rank_samples", None)) is not None:
-        return list(known)
-    dataset = getattr(loader, "dataset", None)
+    """Every rank's own samples per epoch (padding not counted): ShardDataModule knows
+    all of them; for another loader this rank's count stands for each."""
+    layout = getattr(trainer.datamodule, "train_layout", None)
+    if layout:
+        return [samples for _, samples in layout]
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
     try:
         return [len(dataset)] * trainer.world_size if dataset is not None else None
     except TypeError:

@@ -207,9 +207,13 @@ class ShardDataModule(pl.LightningDataModule):
         if stage != "fit":
             return
         # Every rank's batch count, computed identically on every rank, so they all
-        # make the same decision here and pad to the same length later.
-        world_size = self.datasets["train"].distributed_env.world_size
-        self.train_layout = self.train_batches_per_rank(world_size)
+        # make the same decision here and pad to the same length later. One process
+        # needs no other rank's view: its own dataset answers.
+        train = self.datasets["train"]
+        world_size = train.distributed_env.world_size
+        self.train_layout = self.train_batches_per_rank(
+            world_size, train if world_size == 1 else None
+        )
         # Lightning would silently skip training on an empty epoch; a rank left with
         # none while others have some is padded instead.
         if max(batches for batches, _ in self.train_layout) == 0:
@@ -246,7 +250,6 @@ class ShardDataModule(pl.LightningDataModule):
             # it at the trainer's epoch so epoch k+1 gets epoch k+1's order. Mid-epoch
             # resumes overwrite this from the checkpoint's loader state.
             loader.current_epoch = self.trainer.fit_loop.epoch_progress.current.processed
-        env = self.datasets["train"].distributed_env
         batches = [count for count, _ in self.train_layout]
         if len(set(batches)) <= 1:
             return loader
@@ -255,10 +258,6 @@ class ShardDataModule(pl.LightningDataModule):
             batches_per_epoch=max(batches),
             padding_source=self.make_dataset("train"),
             split_size=self.split_size("train"),
-            collate_fn=collate_samples,
-            seed=self.seed,
-            rank=env.global_rank,
-            rank_samples=tuple(samples for _, samples in self.train_layout),
         )
 
     def val_dataloader(self) -> StreamingDataLoader:
@@ -270,21 +269,25 @@ class ShardDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> StreamingDataLoader:
         return self._loader(self.predict_split)
 
-    def train_batches_per_rank(self, world_size: int) -> list[tuple[int, int]]:
+    def train_batches_per_rank(
+        self, world_size: int, dataset: StreamingDataset | None = None
+    ) -> list[tuple[int, int]]:
         """(batches, samples) each rank's own train loader yields at a given world size.
 
         Used for padding short ranks and by the dry run for world sizes this machine does
         not have. It asks litdata itself (its shuffler's ``get_len`` under each rank's
-        view), so it is the same computation the real ranks make, not a second formula.
-        The counts are the same every epoch: litdata's single-node assignment only
-        permutes which chunks go where (see ``view_as_rank``).
+        view) and turns samples into batches with ``StreamingDataLoader.__len__``'s rule,
+        so it is the same computation the real ranks make. The counts are the same every
+        epoch: litdata's single-node assignment only permutes which chunks go where (see
+        ``view_as_rank``).
         """
-        dataset = self.make_dataset("train")
-        loader = self._loader("train", dataset)
+        dataset = dataset if dataset is not None else self.make_dataset("train")
         per_rank = []
         for rank in range(world_size):
             view_as_rank(dataset, world_size, rank)
-            per_rank.append((len(loader), len(dataset)))
+            samples = dataset.get_len(self.num_workers, self.batch_size)
+            full, partial = divmod(samples, self.batch_size)
+            per_rank.append((full + int(partial > 0 and not self.drop_last), samples))
         return per_rank
 
     def state_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ not here), so each rank rebuilds its own from the batch count all ranks share.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,10 +34,6 @@ class EvenBatchesLoader:
         batches_per_epoch: int,
         padding_source: StreamingDataset,
         split_size: int,
-        collate_fn: Callable[[list[Any]], Any],
-        seed: int,
-        rank: int,
-        rank_samples: tuple[int, ...],
     ) -> None:
         """
         Args:
@@ -45,20 +41,15 @@ class EvenBatchesLoader:
             batches_per_epoch: The most batches any rank's loader yields.
             padding_source: The whole split, read by global index for padding samples.
             split_size: Samples in the whole split (all ranks).
-            collate_fn: Turns padding samples into a batch like the loader's.
-            seed: Data seed; padding draws depend on it, the epoch and the rank.
-            rank: This rank's global rank.
-            rank_samples: Every rank's own samples per epoch (for the plan's sample count).
+
+        Padding batches go through the loader's own collate; their draws depend on the
+        loader dataset's seed, the epoch and this rank.
         """
         self.loader = loader
         self.batches_per_epoch = batches_per_epoch
         self.own_batches = len(loader)
         self.padding_source = padding_source
         self.split_size = split_size
-        self.collate_fn = collate_fn
-        self.seed = seed
-        self.rank = rank
-        self.rank_samples = rank_samples
         self.batches_yielded = 0
         self._restored: int | None = None
 
@@ -99,10 +90,13 @@ class EvenBatchesLoader:
         """The ``pad_index``-th padding batch of this rank's current epoch (deterministic)."""
         batch_size = int(self.batch_size or 1)
         needed = (self.batches_per_epoch - self.own_batches) * batch_size
-        rng = np.random.default_rng([self.seed, self.loader.current_epoch, self.rank])
-        draws = rng.choice(self.split_size, needed, replace=needed > self.split_size)
+        dataset = self.loader.dataset
+        seed = [dataset.seed, self.loader.current_epoch, dataset.distributed_env.global_rank]
+        draws = np.random.default_rng(seed).choice(
+            self.split_size, needed, replace=needed > self.split_size
+        )
         ids = draws[pad_index * batch_size : (pad_index + 1) * batch_size]
-        return self.collate_fn([self.padding_source[int(i)] for i in ids])
+        return self.loader.collate_fn([self.padding_source[int(i)] for i in ids])
 
     def state_dict(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict(), "batches_yielded": self.batches_yielded}
