@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from train_template.data_prep import SplitSettings, prepare  # noqa: E402
+from examples.digits.prepare import SplitSettings, prepare  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ PYTHON = sys.executable
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The embedded digits, prepared by the real preparation code (in-process writer)."""
-    from train_template.data_prep import prepare
+    from examples.digits.prepare import prepare
 
     out = tmp_path_factory.mktemp("digits")
     prepare("digits", out, num_workers=0, log=lambda *_: None)
@@ -35,7 +35,7 @@ def write_shards(root: Path, num_train: int, num_val: int = 16, num_test: int = 
     """Tiny real shards: train ids 0..num_train-1, then val and test ids after them."""
     from sklearn.datasets import load_digits
 
-    from train_template.data_prep import _write_in_process
+    from examples.digits.prepare import _write_in_process
 
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)

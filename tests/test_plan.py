@@ -95,7 +95,14 @@ def test_sample_budget_covers_the_samples(batches, accumulate, samples):
         ({"accumulate_grad_batches": 0}, "accumulate_grad_batches=0"),
         ({"batch_size": 0}, "batch_size=0"),
         ({"max_steps": 10, "max_samples": 100}, "keep only one training length"),
-        ({"max_epochs": None}, "no training length"),
+        ({"max_epochs": None}, "--trainer.max_epochs=None trains nothing"),
+        ({"max_epochs": 0}, "--trainer.max_epochs=0 trains nothing"),
+        ({"max_steps": 0}, "--trainer.max_steps=0 trains nothing"),
+        ({"max_tokens": 1000}, "yields no token samples"),
+        (
+            {"max_tokens": 1000, "max_samples": 10, "tokens_per_sample": 4},
+            "keep only one training length",
+        ),
         (
             {"warmup": WarmupSetting(steps=30)},
             "warmup (30 steps) is not shorter than training (30 steps)",
@@ -104,6 +111,7 @@ def test_sample_budget_covers_the_samples(batches, accumulate, samples):
     ],
 )
 def test_impossible_inputs_stop_with_a_one_line_error(kwargs, message):
+    """Including every length that trains nothing (Lightning would exit 0 having done nothing)."""
     args = {"batches_per_epoch": 10, "batch_size": 8, "accumulate_grad_batches": 1, "max_epochs": 3}
     with pytest.raises(PlanError) as error:
         make_plan(**{**args, **kwargs})
@@ -131,8 +139,7 @@ def test_schedule_starts_at_warmup_start_ends_at_final_and_never_overruns(
     total, warmup_share, decay, final, stable
 ):
     warmup = int(warmup_share * total)
-    factor = PlannedLRLambda(LRSchedule(decay, final, 0.01, stable))
-    factor.set_length(warmup, total)
+    factor = PlannedLRLambda(LRSchedule(decay, final, 0.01, stable), warmup, total)
     end = 1.0 if decay == "constant" else final
     if warmup > 0:
         assert factor(0) == pytest.approx(0.01)
@@ -167,3 +174,26 @@ def test_changed_inputs_names_what_changed():
     )
     changes = changed_inputs(saved, now)
     assert "world_size 1 -> 2" in changes and "batches_per_epoch 10 -> 5" in changes
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_token_budget_rounds_up_to_whole_steps_and_reports_tokens(accumulate):
+    # 2 ranks x batch 4 x 129 tokens: 1032 tokens per batch row; 10 batches per rank.
+    plan = make_plan(
+        batches_per_epoch=10,
+        batch_size=4,
+        accumulate_grad_batches=accumulate,
+        devices=2,
+        tokens_per_sample=129,
+        max_tokens=50_000,
+    )
+    assert plan.length_from == "max_tokens" and plan.max_tokens == 50_000
+    assert plan.global_tokens_per_step == 4 * 2 * accumulate * 129
+    samples = -(-50_000 // 129)  # 388 samples: 48.5 global batches of 8 -> 49 batches
+    batches = -(-samples // 8)
+    epochs, rest = divmod(batches, 10)
+    assert plan.max_steps == epochs * plan.steps_per_epoch + -(-rest // accumulate)
+    assert {"tokens_per_sample", "global_tokens_per_step", "max_tokens"} <= plan.to_dict().keys()
+    assert "tokens_per_sample" not in make_plan(
+        batches_per_epoch=10, batch_size=4, accumulate_grad_batches=1, max_epochs=1
+    ).to_dict()

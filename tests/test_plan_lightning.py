@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from train_template.callbacks import TrainingPlanCallback
-from train_template.data import ShardDataModule
+from train_template.planning import PlannedTrainer, TrainingPlanCallback
+from examples.digits.data import DigitsDataModule
 from train_template.errors import UserError
-from train_template.module import ClassifierModule
-from train_template.network import MLP
+from examples.digits.module import ClassifierModule
+from examples.digits.network import MLP
 from train_template.schedule import LRSchedule
 
 BASE_LR = 0.1
@@ -51,11 +51,13 @@ def fit(
         MLP(),
         optimizer=lambda params: torch.optim.SGD(params, lr=BASE_LR),
         lr_schedule=LRSchedule(decay="cosine", final_lr_factor=0.1, warmup_start_factor=0.01),
-        scale_partial_accumulation=scale,
     )
-    data = ShardDataModule(str(data_dir), batch_size=batch_size, drop_last=drop_last, shuffle=True)
-    plan_callback, recorder = TrainingPlanCallback(warmup_fraction=warmup_fraction), StepRecorder()
-    trainer = pl.Trainer(
+    data = DigitsDataModule(str(data_dir), batch_size=batch_size, drop_last=drop_last, shuffle=True)
+    plan_callback = TrainingPlanCallback(
+        warmup_fraction=warmup_fraction, scale_partial_accumulation=scale
+    )
+    recorder = StepRecorder()
+    trainer = PlannedTrainer(
         accelerator="cpu",
         devices=1,
         max_epochs=epochs,
@@ -134,10 +136,10 @@ def test_short_last_window_gets_the_gradient_of_its_own_batches(tmp_path, scale)
     assert plan.steps_per_epoch == 2
     # Recompute the last window's gradient by hand: the mean loss over its one batch,
     # with the weights the model had before that step.
-    data = ShardDataModule(str(data_dir), batch_size=8, shuffle=False)
+    data = DigitsDataModule(str(data_dir), batch_size=8, shuffle=False)
     data.setup("fit")
     by_id = {int(s["index"]): s for s in data.datasets["train"]}
-    from train_template.data import collate_samples, images_to_float
+    from examples.digits.data import collate_samples, images_to_float
 
     batch = images_to_float(collate_samples([by_id[i] for i in recorder.batch_ids[4]]))
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from common import bench_args, interleave, machine, synthetic_source, table
 
-from train_template.data import ShardDataModule
-from train_template.data_prep import prepare
+from examples.digits.data import DigitsDataModule
+from examples.digits.prepare import prepare
 
 BATCH = 256
 
@@ -65,7 +65,7 @@ def main() -> None:
             f"({size_mb:.0f} MB), batch {BATCH}, one full pass per measurement\n"
         )
         for workers in (0, 1, 2):
-            data = ShardDataModule(
+            data = DigitsDataModule(
                 str(tmp / "shards"), batch_size=BATCH, num_workers=workers, shuffle=True
             )
             data.setup("fit")

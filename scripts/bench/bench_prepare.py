@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common import bench_args, interleave, machine, synthetic_source, table
 
-from train_template.data_prep import prepare
+from examples.digits.prepare import prepare
 
 
 def samples_per_second(source: Path, out: Path, workers: int, num_samples: int) -> float:

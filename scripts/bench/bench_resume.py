@@ -16,11 +16,12 @@ import torch
 from common import bench_args, interleave, machine, quiet_trainer, synthetic_source, table
 
 from train_template.callbacks import StreamingResumeGuard, TrainingPlanCallback
-from train_template.checkpointing import RNGStateCallback, SaveOnPreemption
-from train_template.data import ShardDataModule
-from train_template.data_prep import prepare
-from train_template.module import ClassifierModule
-from train_template.network import MLP
+from train_template.checkpointing import RNGStateCallback
+from train_template.preemption import SaveOnPreemption
+from examples.digits.data import DigitsDataModule
+from examples.digits.prepare import prepare
+from examples.digits.module import ClassifierModule
+from examples.digits.network import MLP
 
 BATCH = 32
 
@@ -59,7 +60,7 @@ def trainer(callbacks) -> pl.Trainer:
 def parts(data_dir: Path):
     torch.manual_seed(0)
     model = ClassifierModule(MLP(3 * 32 * 32, 10, 64))
-    return model, ShardDataModule(str(data_dir), batch_size=BATCH, shuffle=True)
+    return model, DigitsDataModule(str(data_dir), batch_size=BATCH, shuffle=True)
 
 
 def resume_seconds(data_dir: Path, checkpoint: Path) -> float:

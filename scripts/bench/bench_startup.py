@@ -64,7 +64,7 @@ def first_step(data_dir: Path, tmp: Path, counter: list[int]) -> float:
 
 def main() -> None:
     args = bench_args(__doc__)
-    from train_template.data_prep import prepare
+    from examples.digits.prepare import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "digits"

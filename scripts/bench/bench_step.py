@@ -27,11 +27,12 @@ from train_template.callbacks import (  # noqa: E402
     StepLRLogger,
     TrainingPlanCallback,
 )
-from train_template.checkpointing import RNGStateCallback, SaveOnPreemption  # noqa: E402
-from train_template.data import ShardDataModule, images_to_float  # noqa: E402
-from train_template.data_prep import prepare  # noqa: E402
-from train_template.module import ClassifierModule  # noqa: E402
-from train_template.network import MLP, SmallCNN  # noqa: E402
+from train_template.checkpointing import RNGStateCallback
+from train_template.preemption import SaveOnPreemption  # noqa: E402
+from examples.digits.data import DigitsDataModule, images_to_float  # noqa: E402
+from examples.digits.prepare import prepare  # noqa: E402
+from examples.digits.module import ClassifierModule  # noqa: E402
+from examples.digits.network import MLP, SmallCNN  # noqa: E402
 from train_template.schedule import LRSchedule, PlannedLRLambda  # noqa: E402
 
 SIZES = {
@@ -61,7 +62,7 @@ class EpochTimer(pl.Callback):
 def template_epoch(data_dir: Path, network, batch_size: int, log_dir: str, **device) -> float:
     torch.manual_seed(0)
     model = ClassifierModule(network(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    data = ShardDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
+    data = DigitsDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
     timer = EpochTimer()
     trainer = quiet_trainer(
         logger=pl.loggers.CSVLogger(log_dir),
@@ -92,8 +93,7 @@ class BareModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
-        factor = PlannedLRLambda(LRSchedule())
-        factor.set_length(0, 10**6)
+        factor = PlannedLRLambda(LRSchedule(), 0, 10**6)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {
             "optimizer": optimizer,
@@ -103,7 +103,7 @@ class BareModule(pl.LightningModule):
 
 def bare_lightning_epoch(data_dir: Path, network, batch_size: int, **device) -> float:
     torch.manual_seed(0)
-    data = ShardDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
+    data = DigitsDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
     timer = EpochTimer()
     trainer = quiet_trainer([timer], **device)
     trainer.fit(BareModule(network()), data)
@@ -115,11 +115,10 @@ def raw_epoch(data_dir: Path, network, batch_size: int, accelerator: str, precis
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     net = network().to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    data = ShardDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
+    data = DigitsDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
     data.setup("fit")
     loader = data.train_dataloader()
-    factor = PlannedLRLambda(LRSchedule())
-    factor.set_length(len(loader) // 20, 2 * len(loader))
+    factor = PlannedLRLambda(LRSchedule(), len(loader) // 20, 2 * len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     for _ in range(2):  # epoch 1 warms up like the template's
         sync()

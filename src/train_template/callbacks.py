@@ -1,18 +1,13 @@
-"""Callbacks: the plan applied at fit time, a non-finite-loss guard, sample audit, predictions.
+"""Callbacks every run gets, whatever its module: per-step LR log, streaming-resume
+guard, non-finite-loss guard, predictions file, and the sample-id audit used by tests.
 
-``TrainingPlanCallback`` is the thin glue between the pure plan module and
-Lightning: it measures the real train loader after any checkpoint has been restored
-(``on_train_start`` runs after the fit loop built the loader and loaded its saved
-position), makes the plan, checks that every rank agrees, and applies it to the
-Trainer and the LR schedule. It never touches the loader before Lightning does,
-which is what makes a resumed loader keep its position (Lightning #20550).
-"""
+None of them needs the module's cooperation: they read what Lightning hands every
+callback (the optimizer, the step's outputs, the loader)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,136 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from train_template.errors import UserError
-from train_template.plan import TrainingPlan, WarmupSetting, changed_inputs, format_plan, make_plan
-
-PLAN_FILE = "plan.json"
-
-
-class TrainingPlanCallback(Callback):
-    """Derives the exact step plan from the real train loader and applies it."""
-
-    def __init__(
-        self,
-        max_samples: int | None = None,
-        warmup_steps: int | None = None,
-        warmup_fraction: float | None = None,
-        warmup_epochs: float | None = None,
-    ) -> None:
-        """
-        Args:
-            max_samples: Train on this many samples (all ranks together) instead of
-                ``--trainer.max_epochs``; rounded up to whole batches. Conflicts with
-                ``--trainer.max_steps``.
-            warmup_steps: Linear LR warmup, in optimizer steps.
-            warmup_fraction: Linear LR warmup, as a fraction of all optimizer steps.
-            warmup_epochs: Linear LR warmup, in epochs (rounded up to whole steps).
-        """
-        self.max_samples = max_samples
-        self.warmup = WarmupSetting(warmup_steps, warmup_fraction, warmup_epochs)
-        self.plan: TrainingPlan | None = None
-        self._checkpoint_plan: dict | None = None
-
-    def make(self, **loader_and_trainer: Any) -> TrainingPlan:
-        """The plan for measured loader numbers and trainer settings, with this
-        callback's own inputs (sample budget, warmup); used by fit and the dry run."""
-        return make_plan(**loader_and_trainer, max_samples=self.max_samples, warmup=self.warmup)
-
-    def plan_for(
-        self, trainer: pl.Trainer, batches_per_epoch: int, rank_samples: list[int] | None
-    ) -> TrainingPlan:
-        """The plan for this trainer's settings and a measured loader length."""
-        return self.make(
-            batches_per_epoch=batches_per_epoch,
-            batch_size=_batch_size(trainer),
-            accumulate_grad_batches=trainer.accumulate_grad_batches,
-            devices=trainer.num_devices,
-            num_nodes=trainer.num_nodes,
-            rank_samples=rank_samples,
-            max_epochs=trainer.max_epochs,
-            max_steps=trainer.max_steps,
-        )
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        batches = trainer.num_training_batches
-        if not isinstance(batches, int) or math.isinf(batches):
-            raise UserError("the train loader has no length: the plan needs a sized loader")
-        samples = _rank_samples(trainer)
-        counts = _batch_counts_of_all_ranks(trainer, pl_module, batches)
-        plan = self.plan_for(trainer, batches, samples)
-        # Every rank must reach the same decision (one raising while another waits in a
-        # collective would hang): world size and the gathered counts are the same
-        # everywhere, and once the counts agree so do the plans.
-        saved = self._checkpoint_plan
-        if saved is not None and saved.get("world_size") != plan.world_size:
-            raise _plan_changed(changed_inputs(saved, plan))
-        if len(set(counts)) > 1:
-            raise UserError(
-                f"ranks would train on different batch counts per epoch {counts}, which hangs "
-                "DDP: make train_dataloader yield the same count on every rank (as "
-                "ShardDataModule does by padding short ranks)"
-            )
-        if saved is not None and (changes := changed_inputs(saved, plan)):
-            raise _plan_changed(changes)
-        self.plan = plan
-        # Stop exactly at the plan's end, whichever setting defined the length.
-        trainer.fit_loop.epoch_loop.max_steps = plan.max_steps
-        trainer.fit_loop.max_epochs = plan.epochs
-        if hasattr(pl_module, "apply_plan"):
-            pl_module.apply_plan(plan)
-        log_dir = trainer.log_dir  # a broadcast in DDP: every rank must ask
-        if trainer.is_global_zero:
-            rank_zero_info(format_plan(plan))
-            if log_dir is not None:
-                path = Path(log_dir) / PLAN_FILE
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(plan.to_json())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_dict()} if self.plan is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._checkpoint_plan = state_dict.get("plan")
-
-
-def _batch_size(trainer: pl.Trainer) -> int:
-    loader = trainer.train_dataloader
-    batch_size = getattr(loader, "batch_size", None)
-    if batch_size is None:
-        raise UserError("the train loader has no batch_size: the plan needs a batched loader")
-    return int(batch_size)
-
-
-def _rank_samples(trainer: pl.Trainer) -> list[int] | None:
-    """Every rank's own samples per epoch (padding not counted): ShardDataModule knows
-    all of them; for another loader this rank's count stands for each."""
-    layout = getattr(trainer.datamodule, "train_layout", None)
-    if layout:
-        return [samples for _, samples in layout]
-    dataset = getattr(trainer.train_dataloader, "dataset", None)
-    try:
-        return [len(dataset)] * trainer.world_size if dataset is not None else None
-    except TypeError:
-        return None
-
-
-def _batch_counts_of_all_ranks(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, batches: int
-) -> list[int]:
-    # A rank with fewer batches would leave the others waiting forever in the
-    # gradient all-reduce of the step it never takes: compare before the first step.
-    if trainer.world_size == 1:
-        return [batches]
-    local = torch.tensor([batches], device=pl_module.device)
-    return trainer.strategy.all_gather(local).reshape(-1).tolist()
-
-
-def _plan_changed(changes: list[str]) -> UserError:
-    return UserError(
-        f"the checkpoint was trained with another plan ({'; '.join(changes)}): resume with "
-        "the original devices, num_nodes, batch size, accumulation, data and length, or "
-        "start a new run in a new --trainer.default_root_dir"
-    )
-
+from train_template.planning import TrainingPlanCallback
 
 class StepLRLogger(Callback):
     """The learning rate of every optimizer step in the loggers, as ``lr-<Optimizer>``.
@@ -194,11 +60,19 @@ class StreamingResumeGuard(Callback):
 
 
 class FiniteLossGuard(Callback):
-    """Stops training on a NaN or infinite loss before it reaches a checkpoint.
+    """Stops training on a NaN or infinite loss, and never lets a checkpoint written after
+    one (or holding non-finite weights) replace the last good checkpoint.
 
-    Checkpoint callbacks run after all others, so raising here keeps the last good
-    checkpoint as ``last.ckpt``.
+    No host sync per step: every step only folds ``isfinite(loss)`` into a flag kept
+    on the loss's device. The flag is read (one sync; with several processes one
+    all-reduce through the strategy, so all ranks stop together) every
+    ``log_every_n_steps`` batches, where Lightning syncs for logging anyway, and before
+    every checkpoint save. Checkpoint callbacks run after all others, and a save is
+    refused from inside ``on_save_checkpoint``, so ``last.ckpt`` stays the last good one.
     """
+
+    def __init__(self) -> None:
+        self._finite: torch.Tensor | None = None  # on the device: all losses finite so far
 
     def on_train_batch_end(
         self,
@@ -209,10 +83,24 @@ class FiniteLossGuard(Callback):
         batch_idx: int,
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None and not torch.isfinite(loss).all():
+        if loss is None:
+            return
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite = finite if self._finite is None else self._finite & finite
+        if (batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0:
+            self._check_loss(trainer, f"epoch {trainer.current_epoch}, batch {batch_idx}")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_loss(trainer, f"epoch {trainer.current_epoch}")
+
+    def _check_loss(self, trainer: pl.Trainer, where: str) -> None:
+        bad = self._finite is not None and not bool(self._finite)
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             raise UserError(
-                f"the training loss is {loss.item()} at epoch {trainer.current_epoch}, batch "
-                f"{batch_idx} (global step {trainer.global_step}): lower the learning rate "
+                f"the training loss became non-finite by {where} (global step "
+                f"{trainer.global_step}): lower the learning rate "
                 "(--model.optimizer.init_args.lr) or set --trainer.gradient_clip_val; "
                 "the last good checkpoint is kept"
             )
@@ -220,12 +108,21 @@ class FiniteLossGuard(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # A finite loss can still be followed by an update that makes weights inf/NaN;
-        # never let such weights replace the last good checkpoint.
-        bad = [n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
+        # Every rank builds the checkpoint (rank 0 writes it): a collective is safe here.
+        self._check_loss(trainer, "this checkpoint")
+        # A finite loss can still be followed by an update that makes weights inf/NaN.
+        # One sync for all parameters; decided together (FSDP shards differ per rank).
+        params = list(pl_module.parameters())
+        bad = bool(params) and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
+            name = next(
+                (n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()),
+                "on another rank",
+            )
             raise UserError(
-                f"the weights became non-finite ({bad[0]}) at global step {trainer.global_step}: "
+                f"the weights became non-finite ({name}) at global step {trainer.global_step}: "
                 "lower the learning rate (--model.optimizer.init_args.lr) or set "
                 "--trainer.gradient_clip_val; the last good checkpoint is kept"
             )
@@ -288,7 +185,12 @@ class SampleIdRecorder(Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes ``predictions.csv`` (index, prediction) to the run's log directory."""
+    """Writes ``predictions.csv`` to the run's log directory (one file per rank in DDP).
+
+    Works for any ``predict_step`` that returns a dict of equal-length 1-D tensors or
+    lists (one column per key, e.g. ``index`` and ``prediction``); anything else is
+    left to the user's own writer.
+    """
 
     def __init__(self) -> None:
         super().__init__(write_interval="epoch")
@@ -300,6 +202,10 @@ class PredictionWriter(BasePredictionWriter):
         predictions: Any,
         batch_indices: Any,
     ) -> None:
+        batches = [batch for batch in predictions if isinstance(batch, dict)]
+        if not batches or len(batches) != len(predictions):
+            return
+        columns = list(batches[0])
         name = (
             "predictions.csv"
             if trainer.world_size == 1
@@ -309,9 +215,12 @@ class PredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["index", "prediction"])
-            for batch in predictions:
-                writer.writerows(
-                    zip(batch["index"].tolist(), batch["prediction"].tolist(), strict=True)
-                )
+            writer.writerow(columns)
+            for batch in batches:
+                values = [_as_list(batch[column]) for column in columns]
+                writer.writerows(zip(*values, strict=True))
         rank_zero_info(f"predictions written to {path}")
+
+
+def _as_list(value: Any) -> list:
+    return value.tolist() if isinstance(value, torch.Tensor) else list(value)

@@ -1,4 +1,5 @@
-"""Checkpointing: the template's ModelCheckpoint and the RNG state carried in checkpoints.
+"""Checkpointing: the template's ModelCheckpoint, the RNG state carried in checkpoints,
+and which checkpoint a resume (``--ckpt_path last|auto|best|<file>``) starts from.
 
 Writes are already atomic in Lightning: ``TorchCheckpointIO`` serialises to memory and
 writes through an fsspec transaction (a temporary file moved into place), so a
@@ -8,9 +9,7 @@ process killed mid-write never leaves a partial file under a checkpoint's name
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,8 @@ import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+
+from train_template.errors import UserError
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -115,57 +116,109 @@ def _numpy_state_from_safe(state: dict[str, Any]) -> tuple:
     return (state["name"], keys, state["position"], state["has_gauss"], state["cached_gaussian"])
 
 
-class SaveOnPreemption(Callback):
-    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: save at the next step
-    boundary, requeue the SLURM job on SIGUSR1, and exit.
+# -- which checkpoint a resume starts from ------------------------------------------
 
-    Lightning's own SLURM handler saves from inside the signal handler, which can land
-    in the middle of an optimizer step, and then keeps training. Here the handler only
-    records the signal; after the current batch every rank agrees through one
-    all-reduce (ranks may get the signal at different moments), all save ``last.ckpt``
-    at the same step, and the process leaves. A relaunch with ``--ckpt_path auto``
-    continues exactly (the save is a mid-epoch checkpoint like any other).
+
+def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str, announce=rank_zero_info) -> str | None:
+    """'last' and 'auto': the newest complete checkpoint of the run (by training progress,
+    not file time); 'auto' starts fresh (None) only when the run has no checkpoint at
+    all. 'best': the best checkpoint that checkpoint records. Paths must be loadable."""
+    if ckpt_path is None:
+        return None
+    directory = Path(checkpoint_dir)
+    if ckpt_path in ("last", "auto"):
+        newest = newest_complete_checkpoint(directory, announce)
+        if newest is None and ckpt_path == "last":
+            raise UserError(
+                f"--ckpt_path last: there is no checkpoint in {directory}: check "
+                "--trainer.default_root_dir, or use --ckpt_path auto to start fresh when "
+                "nothing was saved yet"
+            )
+        return None if newest is None else str(newest)
+    if ckpt_path == "best":
+        return best_checkpoint(directory, announce)
+    if ckpt_path in ("hpc", "registry") or "://" in ckpt_path:
+        return ckpt_path
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    if checkpoint_progress(Path(ckpt_path)) is None:
+        raise UserError(
+            f"checkpoint {ckpt_path} is truncated or corrupt: resume from an earlier "
+            f"checkpoint in {Path(ckpt_path).parent} with --ckpt_path <file>"
+        )
+    return ckpt_path
+
+
+def newest_complete_checkpoint(directory: Path, announce=rank_zero_info) -> Path | None:
+    """The checkpoint of ``directory`` furthest into training that loads.
+
+    A process killed between writing a top-k file and ``last.ckpt``, or a ``last.ckpt``
+    damaged on disk, must not dead-end a requeued job when a complete checkpoint is
+    right there. Damaged files are reported and left as they are; a fresh start over
+    them is refused, so nothing is ever overwritten.
     """
-
-    def __init__(self) -> None:
-        self._received: int | None = None
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(signum, self._record)
-
-    def _record(self, signum: int, frame: Any) -> None:
-        self._received = signum
-
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        received = torch.tensor([self._received or 0])
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
-        signum = int(received.item())
-        if not signum:
-            return
-        checkpoint = trainer.checkpoint_callback
-        directory = Path(
-            checkpoint.dirpath if checkpoint and checkpoint.dirpath else trainer.default_root_dir
+    files = sorted(directory.glob("*.ckpt")) if directory.is_dir() else []
+    complete, damaged = [], []
+    for path in files:
+        progress = checkpoint_progress(path)
+        if progress is None:
+            damaged.append(path.name)
+        else:
+            # Ties (the same step saved twice) go to last.ckpt, the file a relaunch expects.
+            complete.append((progress, path.name == "last.ckpt", path))
+    if not complete:
+        if damaged:
+            raise UserError(
+                f"{directory} holds only damaged checkpoints ({', '.join(damaged)}): move them "
+                "away to start fresh, or resume from a copy with --ckpt_path <file>"
+            )
+        return None
+    progress, _, newest = max(complete)
+    if newest.name != "last.ckpt":
+        why = "damaged" if "last.ckpt" in damaged else "missing" if not (directory / "last.ckpt").exists() else "older"
+        announce(
+            f"resuming from {newest.name} (global step {progress[0]}): last.ckpt is {why}, "
+            f"{newest.name} is the newest complete checkpoint in {directory}"
         )
-        path = directory / "last.ckpt"
-        trainer.save_checkpoint(path)
-        name = signal.Signals(signum).name
-        rank_zero_info(
-            f"{name}: saved {path} at step {trainer.global_step}; resume with --ckpt_path auto"
+    return newest
+
+
+def checkpoint_progress(path: Path) -> tuple[int, int, int] | None:
+    """(global step, epochs completed, batches completed) of a loadable checkpoint;
+    None when the file is truncated or damaged. Tensors are memory-mapped, not read."""
+    import torch
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return None
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        epochs = fit_loop.get("epoch_progress", {}).get("current", {}).get("completed", 0)
+        batches = (
+            fit_loop.get("epoch_loop.batch_progress", {}).get("total", {}).get("completed", 0)
         )
-        job_id = os.environ.get("SLURM_JOB_ID")
-        if signum == signal.SIGUSR1 and job_id and trainer.is_global_zero:
-            array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-            if array_job:
-                job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            result = subprocess.call(["scontrol", "requeue", job_id])
-            rank_zero_info(f"scontrol requeue {job_id}: exit status {result}")
-        raise SystemExit(0 if signum == signal.SIGUSR1 else 128 + signum)
+        return int(checkpoint["global_step"]), int(epochs), int(batches)
+    except Exception:  # noqa: BLE001 - any failure to load means "not resumable"
+        return None
+
+
+def best_checkpoint(directory: Path, announce=rank_zero_info) -> str:
+    """The best checkpoint recorded by the checkpoint callback in the newest checkpoint."""
+    import torch
+
+    newest = newest_complete_checkpoint(directory, announce)
+    if newest is None:
+        raise UserError(f"--ckpt_path best: there is no checkpoint in {directory} to read the best from")
+    callbacks = torch.load(newest, weights_only=True, map_location="cpu").get("callbacks", {})
+    paths = [
+        state.get("best_model_path")
+        for key, state in callbacks.items()
+        if key.startswith(RunCheckpoint.__name__) and isinstance(state, dict)
+    ]
+    best = next((p for p in paths if p and Path(p).is_file()), None)
+    if best is None:
+        raise UserError(
+            f"--ckpt_path best: {newest} records no existing best checkpoint: use --ckpt_path last"
+        )
+    return best

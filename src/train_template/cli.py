@@ -1,13 +1,17 @@
 """The command line: LightningCLI with the template's options, the ``plan`` dry run and errors.
 
-Options beyond the Trainer's, model's and DataModule's own:
+``--model CLASS_PATH`` and ``--data CLASS_PATH`` take any LightningModule and
+LightningDataModule (default: the digits example); the machinery below works for
+any of them. Options beyond the Trainer's, model's and DataModule's own:
 
 - ``--checkpoint.*``: the ModelCheckpoint used for training. Default: save at the end
   of every training epoch into ``<default_root_dir>/checkpoints`` (the same folder on
   every relaunch), keep ``last.ckpt`` and the best two by ``val/acc``.
-- ``--plan.*``: the training plan's own inputs (``max_samples``, warmup).
-- ``--ckpt_path last`` resumes from ``last.ckpt`` and fails if there is none;
-  ``--ckpt_path auto`` resumes when it exists and starts fresh otherwise (what a
+- ``--preemption.*``: how often several processes agree on a SIGUSR1/SIGTERM.
+- ``--plan.*``: the training plan's own inputs (``max_samples``, ``max_tokens``, warmup).
+- ``--ckpt_path last`` resumes from the newest complete checkpoint of the run
+  (``last.ckpt`` unless it is missing or damaged) and fails if there is none;
+  ``--ckpt_path auto`` does the same and starts fresh when there is none (what a
   requeued job wants).
 """
 
@@ -27,12 +31,16 @@ from train_template.callbacks import (
     PredictionWriter,
     StepLRLogger,
     StreamingResumeGuard,
-    TrainingPlanCallback,
 )
-from train_template.checkpointing import RNGStateCallback, RunCheckpoint, SaveOnPreemption
-from train_template.data import ShardDataModule
+from train_template.checkpointing import RNGStateCallback, RunCheckpoint, resolve_ckpt_path
 from train_template.errors import UserError
-from train_template.module import ClassifierModule
+from train_template.planning import PlannedTrainer, TrainingPlanCallback
+from train_template.preemption import SaveOnPreemption
+
+# The embedded example, named (not imported) so that the machinery never depends on it:
+# `--model` / `--data` or a config's `model:` / `data:` block replace these.
+DEFAULT_MODEL = "examples.digits.module.ClassifierModule"
+DEFAULT_DATA = "examples.digits.data.DigitsDataModule"
 
 CHECKPOINT_DEFAULTS = {
     "checkpoint.filename": "epoch{epoch:03d}-step{step:06d}",
@@ -49,8 +57,12 @@ class TemplateCLI(LightningCLI):
     """LightningCLI for the template: fit, validate, test, predict and plan."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("model_class", ClassifierModule)
-        kwargs.setdefault("datamodule_class", ShardDataModule)
+        # Any LightningModule / LightningDataModule by class path (subclass mode).
+        kwargs.setdefault("model_class", None)
+        kwargs.setdefault("datamodule_class", None)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("trainer_class", PlannedTrainer)
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
         # Always on, whatever trainer.callbacks a config lists (LightningCLI appends these).
         kwargs.setdefault(
@@ -59,7 +71,6 @@ class TemplateCLI(LightningCLI):
                 "callbacks": [
                     StreamingResumeGuard(),
                     RNGStateCallback(),
-                    SaveOnPreemption(),
                     FiniteLossGuard(),
                     PredictionWriter(),
                     StepLRLogger(),
@@ -72,6 +83,9 @@ class TemplateCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.add_lightning_class_args(TrainingPlanCallback, "plan")
+        parser.add_lightning_class_args(SaveOnPreemption, "preemption")
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
+        parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
@@ -141,69 +155,6 @@ class TemplateCLI(LightningCLI):
         super()._run_subcommand(subcommand)
 
 
-def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
-    """'last' must exist; 'auto' resumes when last.ckpt exists; paths must exist."""
-    if ckpt_path is None:
-        return None
-    last = Path(checkpoint_dir) / "last.ckpt"
-    if ckpt_path == "auto":
-        if not last.is_file():
-            return None
-        check_checkpoint_file(last)
-        return str(last)
-    if ckpt_path == "last":
-        if not last.is_file():
-            raise UserError(
-                f"--ckpt_path last: there is no {last}: check --trainer.default_root_dir, or "
-                "use --ckpt_path auto to start fresh when nothing was saved yet"
-            )
-        check_checkpoint_file(last)
-        return str(last)
-    if ckpt_path == "best":
-        return best_checkpoint(last)
-    if ckpt_path in ("hpc", "registry") or "://" in ckpt_path:
-        return ckpt_path
-    if not Path(ckpt_path).is_file():
-        raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-    check_checkpoint_file(Path(ckpt_path))
-    return ckpt_path
-
-
-def best_checkpoint(last: Path) -> str:
-    """The best checkpoint recorded by the checkpoint callback's state in last.ckpt."""
-    import torch
-
-    if not last.is_file():
-        raise UserError(f"--ckpt_path best: there is no {last} to read the best checkpoint from")
-    callbacks = torch.load(last, weights_only=True, map_location="cpu").get("callbacks", {})
-    paths = [
-        state.get("best_model_path")
-        for key, state in callbacks.items()
-        if key.startswith(RunCheckpoint.__name__) and isinstance(state, dict)
-    ]
-    best = next((p for p in paths if p and Path(p).is_file()), None)
-    if best is None:
-        raise UserError(
-            f"--ckpt_path best: {last} records no existing best checkpoint: use --ckpt_path last"
-        )
-    return best
-
-
-def check_checkpoint_file(path: Path) -> None:
-    """A torch checkpoint is a zip archive: a truncated or damaged one fails to open."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if not any(name.endswith("data.pkl") for name in archive.namelist()):
-                raise zipfile.BadZipFile("no data.pkl")
-    except (zipfile.BadZipFile, OSError) as error:
-        raise UserError(
-            f"checkpoint {path} is truncated or corrupt ({error}): resume from an earlier "
-            f"checkpoint in {path.parent} with --ckpt_path <file>"
-        ) from None
-
-
 def check_writable(root: str) -> None:
     """Fail before any work when the run directory cannot be created or written."""
     if "://" in root:
@@ -238,6 +189,15 @@ def main(args: list[str] | None = None) -> None:
         _fail(str(error))
     except MisconfigurationException as error:  # Lightning's own "fix your settings" errors
         _fail(" ".join(str(error).split()))
+    except RuntimeError as error:
+        # torch's strict load_state_dict lists every key over many lines: name the first.
+        if "Error(s) in loading state_dict" not in str(error):
+            raise
+        first = next(line.strip() for line in str(error).splitlines()[1:] if line.strip())
+        _fail(
+            f"the checkpoint holds a different model ({first[:200]}): use a checkpoint of "
+            "this model, or the --model settings it was trained with"
+        )
     except Exception as error:  # jsonargparse reports bad options with its own type
         if type(error).__name__ == "ArgumentError":
             # jsonargparse explains over several indented lines; keep them on one.

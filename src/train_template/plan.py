@@ -13,8 +13,9 @@ usual ``ceil(samples / (batch * accumulate * world))`` gets wrong whenever a sho
 window or drop_last is involved.
 
 Precedence of the training length (most specific wins, printed in the plan):
-``max_steps`` (optimizer steps) > ``max_samples`` (global samples) > ``max_epochs``.
-Setting both ``max_steps`` and ``max_samples`` is a conflict and an error.
+``max_steps`` (optimizer steps) > ``max_samples`` (global samples) or ``max_tokens``
+(global tokens, token datasets) > ``max_epochs``. Setting more than one of
+``max_steps``, ``max_samples`` and ``max_tokens`` is a conflict and an error.
 """
 
 from __future__ import annotations
@@ -77,10 +78,19 @@ class TrainingPlan:
     epochs: int
     max_steps: int
     warmup_steps: int
-    length_from: str  # which setting decided the length: max_steps, max_samples or max_epochs
+    length_from: str  # which setting decided the length: max_steps, max_samples, max_tokens, max_epochs
+    # Token datasets only (None otherwise): tokens one sample trains on, per step, budget.
+    tokens_per_sample: int | None = None
+    global_tokens_per_step: int | None = None
+    max_tokens: int | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All fields; the token fields only for token datasets."""
+        fields = dataclasses.asdict(self)
+        if self.tokens_per_sample is None:
+            for key in ("tokens_per_sample", "global_tokens_per_step", "max_tokens"):
+                fields.pop(key)
+        return fields
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -115,6 +125,8 @@ def make_plan(
     max_epochs: int | None = None,
     max_steps: int = -1,
     max_samples: int | None = None,
+    max_tokens: int | None = None,
+    tokens_per_sample: int | None = None,
     warmup: WarmupSetting = WarmupSetting(),
 ) -> TrainingPlan:
     """Derive the plan; raises PlanError with a one-line fix for impossible inputs.
@@ -149,22 +161,36 @@ def make_plan(
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate_grad_batches)
     global_batch_size = batch_size * accumulate_grad_batches * world_size
 
-    if max_steps is not None and max_steps > 0 and max_samples is not None:
-        raise PlanError(
-            f"both --trainer.max_steps={max_steps} and --plan.max_samples={max_samples} "
-            "are set: keep only one training length"
-        )
+    lengths = {
+        "--trainer.max_steps": max_steps if max_steps is not None and max_steps > 0 else None,
+        "--plan.max_samples": max_samples,
+        "--plan.max_tokens": max_tokens,
+    }
+    given = [f"{name}={value}" for name, value in lengths.items() if value is not None]
+    if len(given) > 1:
+        raise PlanError(f"{' and '.join(given)} are all set: keep only one training length")
     if max_steps is not None and max_steps not in (-1, None) and max_steps < 1:
-        raise PlanError(f"--trainer.max_steps={max_steps}: use a positive count, or -1 for unset")
+        raise PlanError(
+            f"--trainer.max_steps={max_steps} trains nothing: use a positive count, or -1 for unset"
+        )
+    if max_tokens is not None:
+        if tokens_per_sample is None:
+            raise PlanError(
+                f"--plan.max_tokens={max_tokens}: the data module yields no token samples "
+                "(no tokens_per_sample): use --plan.max_samples or --trainer.max_epochs"
+            )
+        if max_tokens < 1:
+            raise PlanError(f"--plan.max_tokens={max_tokens}: must be at least 1")
     if max_steps is not None and max_steps > 0:
         length_from = "max_steps"
         total_steps = max_steps
-    elif max_samples is not None:
-        if max_samples < 1:
+    elif max_samples is not None or max_tokens is not None:
+        if max_samples is not None and max_samples < 1:
             raise PlanError(f"--plan.max_samples={max_samples}: must be at least 1")
-        length_from = "max_samples"
+        length_from = "max_samples" if max_samples is not None else "max_tokens"
+        budget = max_samples if max_samples is not None else -(-max_tokens // tokens_per_sample)
         total_steps = _steps_for_samples(
-            max_samples,
+            budget,
             samples_per_epoch,
             steps_per_epoch,
             batch_size * world_size,
@@ -173,7 +199,7 @@ def make_plan(
     else:
         if max_epochs is None or max_epochs < 1:
             raise PlanError(
-                f"no training length: --trainer.max_epochs={max_epochs}; set "
+                f"--trainer.max_epochs={max_epochs} trains nothing: set a positive "
                 "--trainer.max_epochs, --trainer.max_steps or --plan.max_samples"
             )
         length_from = "max_epochs"
@@ -200,6 +226,11 @@ def make_plan(
         max_steps=total_steps,
         warmup_steps=warmup_steps,
         length_from=length_from,
+        tokens_per_sample=tokens_per_sample,
+        global_tokens_per_step=(
+            None if tokens_per_sample is None else global_batch_size * tokens_per_sample
+        ),
+        max_tokens=max_tokens if tokens_per_sample is not None else None,
     )
 
 
@@ -254,6 +285,12 @@ def format_plan(plan: TrainingPlan) -> str:
         ("max steps", f"{plan.max_steps} (length from {plan.length_from})"),
         ("warmup steps", plan.warmup_steps),
     ]
+    if plan.tokens_per_sample is not None:
+        rows += [
+            ("tokens per sample", plan.tokens_per_sample),
+            ("tokens per optimizer step", plan.global_tokens_per_step),
+            ("tokens in the run", plan.max_steps * plan.global_tokens_per_step),
+        ]
     width = max(len(name) for name, _ in rows)
     lines = ["Training plan", "-" * (width + 24)]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]

@@ -1,9 +1,17 @@
 """Learning-rate schedule: linear warmup, then cosine, linear or constant decay (or WSD).
 
 The schedule is a multiplier of the optimizer's base LR indexed by the optimizer step
-(0-based), used through ``torch.optim.lr_scheduler.LambdaLR``. Its length is unknown
-when ``configure_optimizers`` runs (the loader does not exist yet), so the plan
-fills in ``warmup_steps`` and ``total_steps`` later with :meth:`PlannedLRLambda.set_length`.
+(0-based), used through ``torch.optim.lr_scheduler.LambdaLR``. Any module can use it
+from ``configure_optimizers``, the same way the examples do::
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=3e-3)
+        return {"optimizer": optimizer,
+                "lr_scheduler": planned_lr_scheduler(optimizer, self.trainer, LRSchedule())}
+
+Its length is the training plan's ``max_steps`` (``trainer.estimated_stepping_batches``)
+and its warmup the plan's ``warmup_steps`` (``--plan.warmup_*``); both exist before
+``configure_optimizers`` runs.
 
 Step ``s`` of ``total_steps`` uses multiplier ``lr_lambda(s)``: the first step uses
 ``warmup_start_factor`` (or 1.0 without warmup) and the last step, ``s = total - 1``,
@@ -15,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass
@@ -32,24 +40,34 @@ class LRSchedule:
     """Warmup-stable-decay: fraction of the post-warmup steps held at the peak LR."""
 
 
+def planned_lr_scheduler(optimizer: Any, trainer: Any, schedule: LRSchedule) -> dict:
+    """The ``lr_scheduler`` entry for ``configure_optimizers``: ``schedule`` stepped every
+    optimizer step, as long as the training plan, with the plan's warmup.
+
+    Without the template's trainer (a plain ``lightning.Trainer``) the length is
+    Lightning's ``estimated_stepping_batches`` and there is no warmup.
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    plan = getattr(trainer, "training_plan", None)
+    total_steps = int(trainer.estimated_stepping_batches)
+    warmup_steps = plan.warmup_steps if plan is not None else 0
+    lr_lambda = PlannedLRLambda(schedule, warmup_steps, total_steps)
+    return {"scheduler": LambdaLR(optimizer, lr_lambda), "interval": "step", "frequency": 1}
+
+
 class PlannedLRLambda:
     """Callable object (not a lambda) so LambdaLR saves its length in checkpoints."""
 
-    def __init__(self, schedule: LRSchedule) -> None:
+    def __init__(self, schedule: LRSchedule, warmup_steps: int, total_steps: int) -> None:
         self.decay = schedule.decay
         self.final_lr_factor = schedule.final_lr_factor
         self.warmup_start_factor = schedule.warmup_start_factor
         self.stable_fraction = schedule.stable_fraction
-        self.warmup_steps = 0
-        self.total_steps: int | None = None
-
-    def set_length(self, warmup_steps: int, total_steps: int) -> None:
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
 
     def __call__(self, step: int) -> float:
-        if self.total_steps is None:  # before the plan exists: only step 0 is ever evaluated
-            return self.warmup_start_factor if self.warmup_steps else 1.0
         return lr_factor(
             step,
             total_steps=self.total_steps,

@@ -14,11 +14,13 @@ makes the preparation idempotent: unchanged inputs skip the work, ``force`` rebu
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -128,6 +130,20 @@ def is_up_to_date(out_dir: Path, expected_fingerprint: str) -> bool:
     )
 
 
+@contextmanager
+def exclusive(out_dir: Path):
+    """One preparation of ``out_dir`` at a time: several nodes (or several runs) that
+    start together on a shared filesystem wait here instead of writing over each
+    other; the ones that follow find the shards up to date."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare(
     source: str,
     out_dir: str | os.PathLike,
@@ -138,9 +154,14 @@ def prepare(
     log=print,
 ) -> dict:
     """Build (or confirm) the shards; returns the metadata written to ``dataset.json``."""
+    out_dir = Path(out_dir)
+    with exclusive(out_dir):
+        return _prepare(source, out_dir, settings, force, num_workers, chunk_bytes, log)
+
+
+def _prepare(source, out_dir: Path, settings, force, num_workers, chunk_bytes, log) -> dict:
     import litdata
 
-    out_dir = Path(out_dir)
     start = time.perf_counter()
     images, labels = load_source(source)
     expected = fingerprint(images, labels, settings)
