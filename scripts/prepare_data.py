@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from examples.digits.prepare import SplitSettings, prepare  # noqa: E402
+from train_template.quiet import silence_known_messages  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="rebuild even if the shards are up to date"
     )
     args = parser.parse_args(argv)
+    silence_known_messages()
     settings = SplitSettings(args.seed, args.val_fraction, args.test_fraction)
     try:
         prepare(args.source, args.out, settings, args.force, args.num_workers, args.chunk_bytes)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,35 @@ if os.environ.get("CI"):
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+
+
+def _git_status() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def working_tree_stays_clean():
+    """No run, test or benchmark writes into the checkout outside ignored folders: the
+    suite ends with the same `git status` it started with."""
+    before = _git_status()
+    yield
+    after = _git_status()
+    if before is None or after is None:
+        return
+    new = sorted(set(after.splitlines()) - set(before.splitlines()))
+    written = [line[3:] for line in new if line.startswith("??")]  # new files nobody ignores
+    if written:
+        pytest.fail(f"the test run wrote into the checkout: {written[:10]}")
 
 
 @pytest.fixture(scope="session")
@@ -111,3 +142,37 @@ def load_plan(run_dir: Path) -> dict:
     plans = sorted((run_dir / "logs").glob("version_*/plan.json"))
     assert plans, f"no plan.json under {run_dir}"
     return json.loads(plans[-1].read_text())
+
+
+def last_step(run_dir: Path) -> int:
+    import torch
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return -1
+    try:
+        return torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+    except Exception:  # noqa: BLE001 - unreadable means not written yet
+        return -1
+
+
+def kill_after_checkpoint(
+    cmd: list[str], run_dir: Path, min_step: int, env: dict | None = None
+) -> int:
+    """Start training, SIGKILL its whole process group once last.ckpt reaches min_step."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while (step := last_step(run_dir)) < min_step:
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return step

@@ -194,6 +194,9 @@ def test_token_budget_rounds_up_to_whole_steps_and_reports_tokens(accumulate):
     epochs, rest = divmod(batches, 10)
     assert plan.max_steps == epochs * plan.steps_per_epoch + -(-rest // accumulate)
     assert {"tokens_per_sample", "global_tokens_per_step", "max_tokens"} <= plan.to_dict().keys()
-    assert "tokens_per_sample" not in make_plan(
-        batches_per_epoch=10, batch_size=4, accumulate_grad_batches=1, max_epochs=1
-    ).to_dict()
+    assert (
+        "tokens_per_sample"
+        not in make_plan(
+            batches_per_epoch=10, batch_size=4, accumulate_grad_batches=1, max_epochs=1
+        ).to_dict()
+    )

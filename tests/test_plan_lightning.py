@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from train_template.planning import PlannedTrainer, TrainingPlanCallback
 from examples.digits.data import DigitsDataModule
-from train_template.errors import UserError
 from examples.digits.module import ClassifierModule
 from examples.digits.network import MLP
+from train_template.errors import UserError
+from train_template.planning import PlannedTrainer, TrainingPlanCallback
 from train_template.schedule import LRSchedule
 
 BASE_LR = 0.1
@@ -58,6 +58,7 @@ def fit(
     )
     recorder = StepRecorder()
     trainer = PlannedTrainer(
+        default_root_dir=tempfile.mkdtemp(),  # plan.json goes there, never into the checkout
         accelerator="cpu",
         devices=1,
         max_epochs=epochs,

@@ -8,14 +8,20 @@ the same global_step and end with bit-identical weights.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_samples, recorder_config, run, train_cmd, write_shards
+from conftest import (
+    kill_after_checkpoint,
+    read_samples,
+    recorder_config,
+    run,
+    train_cmd,
+    write_shards,
+)
 
 EPOCHS = "3"
 
@@ -40,31 +46,6 @@ def fit_args(run_dir: Path, data: Path, *extra: str, config: str = "default") ->
         *extra,
         config=config,
     )
-
-
-def last_step(run_dir: Path) -> int:
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return -1
-    try:
-        return torch.load(last, weights_only=True, map_location="cpu")["global_step"]
-    except Exception:  # noqa: BLE001 - unreadable means not written yet
-        return -1
-
-
-def kill_after_checkpoint(cmd: list[str], run_dir: Path, min_step: int) -> int:
-    """Start training, SIGKILL its whole process group once last.ckpt reaches min_step."""
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 240
-    while (step := last_step(run_dir)) < min_step:
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return step
 
 
 def assert_same_run(reference: Path, resumed: Path) -> None:
@@ -127,13 +108,22 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
     assert orders[0] != orders[1], "shuffle should give each epoch its own order"
 
 
-def test_resume_from_end_of_epoch_checkpoint_continues_the_shuffle(tmp_path, shards):
+@pytest.mark.parametrize(
+    "length",
+    [[], ["--trainer.max_steps", "153", "--trainer.max_epochs", "-1"]],
+    ids=["epochs", "steps"],
+)
+def test_resume_from_end_of_epoch_checkpoint_continues_the_shuffle(tmp_path, shards, length):
+    """With the length in steps too: Lightning restores an end-of-epoch checkpoint of a
+    max_steps run as "iteration-based" and counted its epoch twice, so the resumed run
+    stopped an epoch early (step 102 of 153, exit 0) until the plan held max_steps back
+    during the restore."""
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    run(fit_args(reference, shards))
+    run(fit_args(reference, shards, *length))
     # Default checkpointing saves at epoch ends only: the kill lands right after epoch 1's.
-    killed_at = kill_after_checkpoint(fit_args(resumed, shards), resumed, 51)
+    killed_at = kill_after_checkpoint(fit_args(resumed, shards, *length), resumed, 51)
     assert killed_at in (51, 102)
-    run(fit_args(resumed, shards, "--ckpt_path", "last"))
+    run(fit_args(resumed, shards, *length, "--ckpt_path", "last"))
 
     assert_same_run(reference, resumed)
     orders = epoch_orders(resumed)

@@ -15,13 +15,13 @@ import lightning.pytorch as pl
 import torch
 from common import bench_args, interleave, machine, quiet_trainer, synthetic_source, table
 
+from examples.digits.data import DigitsDataModule
+from examples.digits.module import ClassifierModule
+from examples.digits.network import MLP
+from examples.digits.prepare import prepare
 from train_template.callbacks import StreamingResumeGuard, TrainingPlanCallback
 from train_template.checkpointing import RNGStateCallback
 from train_template.preemption import SaveOnPreemption
-from examples.digits.data import DigitsDataModule
-from examples.digits.prepare import prepare
-from examples.digits.module import ClassifierModule
-from examples.digits.network import MLP
 
 BATCH = 32
 

@@ -22,6 +22,10 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from common import bench_args, interleave, machine, quiet_trainer, table
 
+from examples.digits.data import DigitsDataModule, images_to_float  # noqa: E402
+from examples.digits.module import ClassifierModule  # noqa: E402
+from examples.digits.network import MLP, SmallCNN  # noqa: E402
+from examples.digits.prepare import prepare  # noqa: E402
 from train_template.callbacks import (  # noqa: E402
     FiniteLossGuard,
     StepLRLogger,
@@ -29,10 +33,6 @@ from train_template.callbacks import (  # noqa: E402
 )
 from train_template.checkpointing import RNGStateCallback
 from train_template.preemption import SaveOnPreemption  # noqa: E402
-from examples.digits.data import DigitsDataModule, images_to_float  # noqa: E402
-from examples.digits.prepare import prepare  # noqa: E402
-from examples.digits.module import ClassifierModule  # noqa: E402
-from examples.digits.network import MLP, SmallCNN  # noqa: E402
 from train_template.schedule import LRSchedule, PlannedLRLambda  # noqa: E402
 
 SIZES = {

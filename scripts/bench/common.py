@@ -11,6 +11,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
+from train_template.quiet import silence_known_messages  # noqa: E402
+
+silence_known_messages()
+
 
 def bench_args(doc: str | None, samples: int | None = None, device: bool = False):
     """--repeats (and --samples where the benchmark sizes its data, --accelerator and
@@ -30,9 +34,12 @@ def bench_args(doc: str | None, samples: int | None = None, device: bool = False
 def quiet_trainer(callbacks: list, logger=False, **overrides):
     """A 2-epoch CPU Trainer without validation, checkpointing, progress bar or summary:
     the set-up every timed fit here shares, so only the measured part differs."""
+    import tempfile
+
     import lightning.pytorch as pl
 
     settings = dict(
+        default_root_dir=tempfile.mkdtemp(prefix="bench-"),  # plan.json and logs, not the checkout
         accelerator="cpu",
         devices=1,
         max_epochs=2,

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from train_template.errors import UserError
 from train_template.planning import TrainingPlanCallback
 
+
 class StepLRLogger(Callback):
     """The learning rate of every optimizer step in the loggers, as ``lr-<Optimizer>``.
 
@@ -113,7 +114,9 @@ class FiniteLossGuard(Callback):
         # A finite loss can still be followed by an update that makes weights inf/NaN.
         # One sync for all parameters; decided together (FSDP shards differ per rank).
         params = list(pl_module.parameters())
-        bad = bool(params) and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        bad = bool(params) and not bool(
+            torch.stack([torch.isfinite(p).all() for p in params]).all()
+        )
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
@@ -188,8 +191,9 @@ class PredictionWriter(BasePredictionWriter):
     """Writes ``predictions.csv`` to the run's log directory (one file per rank in DDP).
 
     Works for any ``predict_step`` that returns a dict of equal-length 1-D tensors or
-    lists (one column per key, e.g. ``index`` and ``prediction``); anything else is
-    left to the user's own writer.
+    lists (one column per key, e.g. ``index`` and ``prediction``). A dict with only a
+    ``text`` list (generated text) goes to ``predictions.txt`` instead, one entry
+    after another, for a person to read. Anything else is left to the user's own writer.
     """
 
     def __init__(self) -> None:
@@ -206,13 +210,16 @@ class PredictionWriter(BasePredictionWriter):
         if not batches or len(batches) != len(predictions):
             return
         columns = list(batches[0])
-        name = (
-            "predictions.csv"
-            if trainer.world_size == 1
-            else f"predictions-rank{trainer.global_rank}.csv"
-        )
-        path = Path(trainer.log_dir or ".") / name
+        suffix = "" if trainer.world_size == 1 else f"-rank{trainer.global_rank}"
+        as_text = columns == ["text"]
+        path = Path(trainer.log_dir or ".") / f"predictions{suffix}.{'txt' if as_text else 'csv'}"
         path.parent.mkdir(parents=True, exist_ok=True)
+        if as_text:
+            entries = [text for batch in batches for text in batch["text"]]
+            rule = "\n" + "-" * 72 + "\n"
+            path.write_text(rule.join(entries) + "\n")
+            rank_zero_info(f"predictions written to {path}")
+            return
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(columns)

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from train_template import launch
 from train_template.errors import UserError
 
 
@@ -32,6 +33,8 @@ class RunCheckpoint(ModelCheckpoint):
     It also saves either every N train steps or every N epochs, never both. Here
     ``last.ckpt`` is refreshed at every step trigger and at every epoch end.
     """
+
+    _warned_monitor = False
 
     def on_train_batch_end(
         self,
@@ -51,6 +54,21 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         self._refresh_last(trainer)
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        # The default monitor (val/acc) is the example's metric; a module that does not
+        # log it still trains and keeps last.ckpt, with one warning saying what to set.
+        if self.monitor is not None and self.monitor not in monitor_candidates:
+            if not self._warned_monitor:
+                self._warned_monitor = True
+                logged = [k for k in monitor_candidates if k not in ("epoch", "step")]
+                rank_zero_warn(
+                    f"--checkpoint.monitor={self.monitor} is not logged by this module "
+                    f"(it logs {logged}): only last.ckpt is kept; set --checkpoint.monitor "
+                    "(and --checkpoint.mode) to one of those to keep the best checkpoints"
+                )
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         # Skipped when this step was saved already (then last.ckpt is current).
@@ -119,7 +137,9 @@ def _numpy_state_from_safe(state: dict[str, Any]) -> tuple:
 # -- which checkpoint a resume starts from ------------------------------------------
 
 
-def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str, announce=rank_zero_info) -> str | None:
+def resolve_ckpt_path(
+    ckpt_path: str | None, checkpoint_dir: str, announce=rank_zero_info
+) -> str | None:
     """'last' and 'auto': the newest complete checkpoint of the run (by training progress,
     not file time); 'auto' starts fresh (None) only when the run has no checkpoint at
     all. 'best': the best checkpoint that checkpoint records. Paths must be loadable."""
@@ -175,12 +195,31 @@ def newest_complete_checkpoint(directory: Path, announce=rank_zero_info) -> Path
         return None
     progress, _, newest = max(complete)
     if newest.name != "last.ckpt":
-        why = "damaged" if "last.ckpt" in damaged else "missing" if not (directory / "last.ckpt").exists() else "older"
+        last = directory / "last.ckpt"
+        if "last.ckpt" in damaged:
+            why = f"damaged (kept as {set_aside(last).name})"
+        else:
+            why = "older" if last.exists() else "missing"
         announce(
-            f"resuming from {newest.name} (global step {progress[0]}): last.ckpt is {why}, "
-            f"{newest.name} is the newest complete checkpoint in {directory}"
+            f"resuming from {newest.name} (global step {progress[0]}), the newest complete "
+            f"checkpoint in {directory}: last.ckpt is {why}"
         )
     return newest
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the way of the next save (never delete it).
+
+    Only global rank 0 renames; other ranks resolving at the same moment find the
+    file damaged, renamed or gone, and pick the same complete checkpoint either way."""
+    target = path.with_name(path.name + ".damaged")
+    index = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.damaged.{index}")
+        index += 1
+    if launch.global_rank_from_env() == 0 and path.exists():
+        path.rename(target)
+    return target
 
 
 def checkpoint_progress(path: Path) -> tuple[int, int, int] | None:
@@ -195,9 +234,7 @@ def checkpoint_progress(path: Path) -> tuple[int, int, int] | None:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
         fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
         epochs = fit_loop.get("epoch_progress", {}).get("current", {}).get("completed", 0)
-        batches = (
-            fit_loop.get("epoch_loop.batch_progress", {}).get("total", {}).get("completed", 0)
-        )
+        batches = fit_loop.get("epoch_loop.batch_progress", {}).get("total", {}).get("completed", 0)
         return int(checkpoint["global_step"]), int(epochs), int(batches)
     except Exception:  # noqa: BLE001 - any failure to load means "not resumable"
         return None
@@ -209,7 +246,9 @@ def best_checkpoint(directory: Path, announce=rank_zero_info) -> str:
 
     newest = newest_complete_checkpoint(directory, announce)
     if newest is None:
-        raise UserError(f"--ckpt_path best: there is no checkpoint in {directory} to read the best from")
+        raise UserError(
+            f"--ckpt_path best: there is no checkpoint in {directory} to read the best from"
+        )
     callbacks = torch.load(newest, weights_only=True, map_location="cpu").get("callbacks", {})
     paths = [
         state.get("best_model_path")

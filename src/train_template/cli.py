@@ -18,11 +18,13 @@ any of them. Options beyond the Trainer's, model's and DataModule's own:
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from train_template import launch
@@ -36,6 +38,7 @@ from train_template.checkpointing import RNGStateCallback, RunCheckpoint, resolv
 from train_template.errors import UserError
 from train_template.planning import PlannedTrainer, TrainingPlanCallback
 from train_template.preemption import SaveOnPreemption
+from train_template.quiet import silence_known_messages
 
 # The embedded example, named (not imported) so that the machinery never depends on it:
 # `--model` / `--data` or a config's `model:` / `data:` block replace these.
@@ -58,8 +61,8 @@ class TemplateCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Any LightningModule / LightningDataModule by class path (subclass mode).
-        kwargs.setdefault("model_class", None)
-        kwargs.setdefault("datamodule_class", None)
+        kwargs.setdefault("model_class", LightningModule)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", PlannedTrainer)
@@ -183,12 +186,19 @@ def refuse_to_overwrite(checkpoint_dir: str) -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns user errors into one line and exit status 2."""
+    silence_known_messages()
     try:
         TemplateCLI(args=args, parser_kwargs={"exit_on_error": False})
     except UserError as error:
         _fail(str(error))
     except MisconfigurationException as error:  # Lightning's own "fix your settings" errors
         _fail(" ".join(str(error).split()))
+    except ValueError as error:
+        # jsonargparse wraps an error raised in a --model/--data class's __init__ in its
+        # union explanation; the class's own one-line message is inside.
+        if "Does not validate against any of the Union subtypes" not in str(error):
+            raise
+        _fail(parser_error_line(str(error)))
     except RuntimeError as error:
         # torch's strict load_state_dict lists every key over many lines: name the first.
         if "Error(s) in loading state_dict" not in str(error):
@@ -200,14 +210,43 @@ def main(args: list[str] | None = None) -> None:
         )
     except Exception as error:  # jsonargparse reports bad options with its own type
         if type(error).__name__ == "ArgumentError":
-            # jsonargparse explains over several indented lines; keep them on one.
-            message = " ".join(line.strip() for line in str(error).strip().splitlines())
-            _fail(message if len(message) < 400 else message[:397] + "...")
+            _fail(parser_error_line(str(error)))
         raise
 
 
+_UNION_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "- Expected a <class 'NoneType'>",
+)
+
+
+def parser_error_line(message: str) -> str:
+    """jsonargparse's nested, multi-line explanation -> its one relevant line.
+
+    With ``--model``/``--data`` in subclass mode every bad option is wrapped in union
+    errors ("Does not validate against any of the Union subtypes ... NoneType"); what
+    the user needs is the option's full key and the innermost reason.
+    """
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(_UNION_NOISE)]
+    if not useful:
+        return " ".join(lines)[:400]
+    reason = useful[-1].removeprefix("- ")
+    if reason.startswith("--"):  # the template's own one-line error, raised in __init__
+        return reason
+    keys = [k for line in useful for k in re.findall(r'^Parser key "([^"]+)"', line)]
+    before = useful[-2].removeprefix("- ") if len(useful) > 1 else ""
+    if before.startswith("Problem with given class_path"):
+        reason = f"{before} {reason}"
+    line = f'Parser key "{".".join(keys)}": {reason}' if keys else " ".join(useful)
+    return line if len(line) < 400 else line[:397] + "..."
+
+
 def _fail(message: str) -> None:
-    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    prefix = "error" if rank == "0" else f"error (rank {rank})"
+    rank = launch.global_rank_from_env()
+    prefix = "error" if rank == 0 else f"error (rank {rank})"
     print(f"{prefix}: {message}", file=sys.stderr)
     sys.exit(2)

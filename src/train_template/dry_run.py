@@ -81,7 +81,10 @@ def per_rank_layout(datamodule: Any, world_size: int) -> tuple[list[tuple[int, i
 def planned_learning_rates(plan: TrainingPlan, model: Any) -> list[float]:
     """The LR of every optimizer step, from the module's own ``configure_optimizers``
     and scheduler, given a stand-in trainer that answers what a fit's would."""
-    from lightning.pytorch.core.optimizer import _configure_optimizers
+    from lightning.pytorch.core.optimizer import (
+        _configure_optimizers,
+        _configure_schedulers_automatic_opt,
+    )
 
     stand_in = SimpleNamespace(
         estimated_stepping_batches=plan.max_steps,
@@ -96,7 +99,8 @@ def planned_learning_rates(plan: TrainingPlan, model: Any) -> list[float]:
     )
     model._trainer = stand_in
     try:
-        optimizers, schedulers, _ = _configure_optimizers(model.configure_optimizers())
+        optimizers, schedulers, monitor = _configure_optimizers(model.configure_optimizers())
+        schedulers = _configure_schedulers_automatic_opt(schedulers, monitor)
     except AttributeError as error:
         raise UserError(
             f"--lr_curve: configure_optimizers reads a trainer setting the dry run does not "

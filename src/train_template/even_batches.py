@@ -102,6 +102,11 @@ class EvenBatchesLoader:
         return {"loader": self.loader.state_dict(), "batches_yielded": self.batches_yielded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "batches_yielded" not in state:
+            # A checkpoint of a run whose ranks were not padded (another world size):
+            # restore it as saved; the plan check then refuses the changed world size.
+            self.loader.load_state_dict(state)
+            return
         yielded = int(state["batches_yielded"])
         self.loader.load_state_dict(self.own_loader_state(state["loader"], yielded))
         self._restored = yielded

@@ -63,3 +63,13 @@ def check_environment(devices, num_nodes: int, environ: Mapping[str, str] = os.e
             f"--trainer.num_nodes = {devices} x {num_nodes} = {want}: make --nproc_per_node x "
             "--nnodes equal to devices x num_nodes"
         )
+
+
+def global_rank_from_env(environ: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank before any process group exists: torchrun's RANK,
+    SLURM's SLURM_PROCID, or Lightning's own launcher (LOCAL_RANK on one node; the
+    process that launches the others has none of them and is rank 0)."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if environ.get(name, "").isdigit():
+            return int(environ[name])
+    return 0

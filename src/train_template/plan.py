@@ -78,7 +78,9 @@ class TrainingPlan:
     epochs: int
     max_steps: int
     warmup_steps: int
-    length_from: str  # which setting decided the length: max_steps, max_samples, max_tokens, max_epochs
+    length_from: (
+        str  # which setting decided the length: max_steps, max_samples, max_tokens, max_epochs
+    )
     # Token datasets only (None otherwise): tokens one sample trains on, per step, budget.
     tokens_per_sample: int | None = None
     global_tokens_per_step: int | None = None
@@ -168,7 +170,7 @@ def make_plan(
     }
     given = [f"{name}={value}" for name, value in lengths.items() if value is not None]
     if len(given) > 1:
-        raise PlanError(f"{' and '.join(given)} are all set: keep only one training length")
+        raise PlanError(f"{' and '.join(given)} are set: keep only one training length")
     if max_steps is not None and max_steps not in (-1, None) and max_steps < 1:
         raise PlanError(
             f"--trainer.max_steps={max_steps} trains nothing: use a positive count, or -1 for unset"

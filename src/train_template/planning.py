@@ -135,9 +135,12 @@ class TrainingPlanCallback(Callback):
             max_epochs=trainer.max_epochs,
             max_steps=trainer.max_steps,
         )
-        # Stop exactly at the plan's end, whichever setting defined the length.
-        trainer.fit_loop.epoch_loop.max_steps = self.plan.max_steps
         trainer.fit_loop.max_epochs = self.plan.epochs
+        # The step limit goes on at train start, after the checkpoint is restored: while
+        # max_steps != -1 Lightning restores loops as "iteration-based" and counts an
+        # end-of-epoch checkpoint's epoch twice (the resumed run then stops an epoch
+        # early). With -1 here the restore sees epoch semantics, which are exact.
+        trainer.fit_loop.epoch_loop.max_steps = -1
 
     # -- train start: the plan against the real loader, and the checkpoint's plan ----
 
@@ -166,6 +169,8 @@ class TrainingPlanCallback(Callback):
             )
         if saved is not None and (changes := changed_inputs(saved, plan)):
             raise _plan_changed(changes)
+        # Stop exactly at the plan's end, whichever setting defined the length.
+        trainer.fit_loop.epoch_loop.max_steps = plan.max_steps
         log_dir = trainer.log_dir  # a broadcast in DDP: every rank must ask
         if trainer.is_global_zero:
             rank_zero_info(format_plan(plan))
@@ -173,6 +178,20 @@ class TrainingPlanCallback(Callback):
                 path = Path(log_dir) / PLAN_FILE
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(plan.to_json())
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        # A length in steps, samples or tokens often ends mid-epoch, where Lightning
+        # would stop without validating the final weights; asking it to stop here makes
+        # it validate them first (the same step on every rank).
+        if self.plan is not None and trainer.global_step >= self.plan.max_steps:
+            trainer.should_stop = True
 
     # -- the short last accumulation window -------------------------------------------
 

@@ -22,7 +22,6 @@ Every rank yields the same number of train batches: where litdata's split is une
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +37,6 @@ from train_template.even_batches import EvenBatchesLoader
 SPLITS = ("train", "val", "test")
 # Settings whose change on resume would silently change which samples come next.
 RESUME_SENSITIVE = ("batch_size", "shuffle", "drop_last", "seed", "num_workers")
-
-
-class _PaddedRanksNotice(logging.Filter):
-    """Drops litdata's warning that drop_last=False may stall collectives in DDP: the
-    short ranks are padded (``EvenBatchesLoader``), so it does not apply here."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "disabled the `drop_last` option" not in record.getMessage()
-
-
-logging.getLogger("litdata.streaming.dataset").addFilter(_PaddedRanksNotice())
 
 
 def view_as_rank(dataset: StreamingDataset, world_size: int, rank: int) -> StreamingDataset:
@@ -74,7 +62,9 @@ class StreamingDataModule(pl.LightningDataModule):
     building a loader) is what the training plan reads before ``configure_optimizers``.
     """
 
-    prepare_hint = "point --data.data_dir at litdata shards"
+    # The command that builds this module's shards (``{data_dir}`` is filled in), named
+    # in the errors for missing or damaged shards; None: the user brings their own.
+    prepare_command: str | None = None
 
     def __init__(
         self,
@@ -114,18 +104,26 @@ class StreamingDataModule(pl.LightningDataModule):
         self.datasets: dict[str, StreamingDataset] = {}
         self.train_layout: list[tuple[int, int]] = []  # (batches, samples) of every rank
 
+    def _how_to(self, action: str) -> str:
+        if self.prepare_command is None:
+            return f"{action} the litdata shards, or point --data.data_dir at them"
+        command = self.prepare_command.format(data_dir=self.data_dir)
+        if action == "rebuild":
+            return f"rebuild the shards with `{command} --force`"
+        return f"run `{command}` or point it at your shards"
+
     def split_dir(self, split: str) -> str:
         if "://" in self.data_dir:
             return f"{self.data_dir.rstrip('/')}/{split}"
         path = Path(self.data_dir)
         if not path.is_dir():
             raise UserError(
-                f"--data.data_dir={self.data_dir} does not exist: {self.prepare_hint}"
+                f"--data.data_dir={self.data_dir} does not exist: {self._how_to('build')}"
             )
         if not (path / split / "index.json").is_file():
             raise UserError(
                 f"--data.data_dir={self.data_dir} holds no litdata shards for '{split}' "
-                f"(no {split}/index.json): {self.prepare_hint}"
+                f"(no {split}/index.json): {self._how_to('build')}"
             )
         return str(path / split)
 
@@ -138,17 +136,14 @@ class StreamingDataModule(pl.LightningDataModule):
             chunks = index["chunks"]
         except (json.JSONDecodeError, KeyError, OSError) as error:
             raise UserError(
-                f"{split_dir}/index.json is unreadable ({error}): rebuild the shards "
-                f"({self.prepare_hint}, with --force)"
+                f"{split_dir}/index.json is unreadable ({error}): {self._how_to('rebuild')}"
             ) from None
         for chunk in chunks:
             path = Path(split_dir) / chunk["filename"]
             size = path.stat().st_size if path.is_file() else -1
             if size != chunk["chunk_bytes"]:
                 found = "missing" if size < 0 else f"{size} bytes, expected {chunk['chunk_bytes']}"
-                raise UserError(
-                        f"shard {path} is corrupt ({found}): rebuild the shards ({self.prepare_hint}, with --force)"
-                )
+                raise UserError(f"shard {path} is corrupt ({found}): {self._how_to('rebuild')}")
 
     def split_size(self, split: str) -> int:
         """Samples in a split, from its litdata index (before sharding and drop_last)."""
@@ -171,7 +166,7 @@ class StreamingDataModule(pl.LightningDataModule):
         except (ValueError, FileNotFoundError, json.JSONDecodeError, KeyError) as error:
             raise UserError(
                 f"--data.data_dir={self.data_dir}: cannot read the '{split}' shards ({error}); "
-                f"rebuild them ({self.prepare_hint}, with --force)"
+                f"{self._how_to('rebuild')}"
             ) from None
         if len(dataset) == 0:
             raise UserError(

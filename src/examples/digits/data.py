@@ -49,7 +49,7 @@ class DigitsDataModule(StreamingDataModule):
     they are missing (``prepare_data``, one process per node, under a file lock).
     """
 
-    prepare_hint = "run `python scripts/prepare_data.py --out <dir>` or point it at your shards"
+    prepare_command = "python scripts/prepare_data.py --out {data_dir}"
 
     def __init__(self, data_dir: str = "data/digits", **kwargs: Any) -> None:
         """

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train_template.quiet import without_banners
+
 SPLITS = ("train", "val", "test")
 METADATA_FILE = "dataset.json"
 FORMAT_VERSION = 1
@@ -192,15 +194,16 @@ def _prepare(source, out_dir: Path, settings, force, num_workers, chunk_bytes, l
             images_path.unlink()
             counts[split] = int(len(indices))
             continue
-        litdata.optimize(
-            fn=partial(_write_samples, images_path=str(images_path), labels=index_and_label),
-            inputs=ranges,
-            output_dir=str(staging / split),
-            chunk_bytes=chunk_bytes,
-            num_workers=num_workers,
-            keep_data_ordered=True,
-            verbose=True,
-        )
+        with without_banners():
+            litdata.optimize(
+                fn=partial(_write_samples, images_path=str(images_path), labels=index_and_label),
+                inputs=ranges,
+                output_dir=str(staging / split),
+                chunk_bytes=chunk_bytes,
+                num_workers=num_workers,
+                keep_data_ordered=True,
+                verbose=True,
+            )
         images_path.unlink()
         counts[split] = int(len(indices))
     # Swap the new shards in only once all of them are complete.

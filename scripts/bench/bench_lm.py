@@ -1,0 +1,149 @@
+"""Language model, side by side: ``configs/lm.yaml`` through the template vs a raw PyTorch
+loop over the same model, data, optimizer, LR schedule and token budget.
+
+Both train on the stdlib token shards (data/stdlib, built if missing) and are then
+evaluated on the same held-out files (val/loss, nats per byte). Throughput is training
+tokens per second of wall time inside the training loop. Run sequentially, on the same
+machine, in one invocation.
+
+    .venv/bin/python scripts/bench/bench_lm.py                 # the default budget (7M tokens)
+    .venv/bin/python scripts/bench/bench_lm.py --tokens 2000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from common import REPO, machine
+
+from examples.lm.data import TokenDataModule  # noqa: E402
+from examples.lm.network import TinyTransformer  # noqa: E402
+from train_template.schedule import LRSchedule, PlannedLRLambda  # noqa: E402
+
+WARMUP_FRACTION = 0.02  # as configs/lm.yaml
+
+
+def raw_loop(max_tokens: int, seed: int = 42) -> dict:
+    torch.manual_seed(seed)
+    data = TokenDataModule(batch_size=32, context=128, drop_last=True, seed=seed)
+    data.prepare_data()
+    data.setup("fit")
+    loader = data.train_dataloader()
+    network = TinyTransformer()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=3e-3, weight_decay=0.0)
+    tokens_per_step = 32 * 128
+    samples = math.ceil(max_tokens / 128)
+    max_steps = math.ceil(samples / 32)
+    warmup = int(round(WARMUP_FRACTION * max_steps))
+    schedule = LRSchedule(decay="constant", final_lr_factor=1.0, warmup_start_factor=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, PlannedLRLambda(schedule, warmup, max_steps)
+    )
+    step, start = 0, time.perf_counter()
+    network.train()
+    while step < max_steps:
+        for batch in loader:
+            batch = batch.long()
+            logits = network(batch[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step == max_steps:
+                break
+    seconds = time.perf_counter() - start
+    return {
+        "steps": max_steps,
+        "train_seconds": seconds,
+        "tokens_per_sec": max_steps * tokens_per_step / seconds,
+        "val_loss": evaluate(network, data),
+    }
+
+
+@torch.no_grad()
+def evaluate(network, data: TokenDataModule) -> float:
+    network.eval()
+    total, count = 0.0, 0
+    for batch in data.val_dataloader():
+        batch = batch.long()
+        logits = network(batch[:, :-1])
+        total += F.cross_entropy(
+            logits.reshape(-1, 256), batch[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+        count += batch[:, 1:].numel()
+    return total / count
+
+
+def template(max_tokens: int) -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-lm-"))
+    common = [
+        "--config",
+        "configs/lm.yaml",
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "train.py", "fit", *common, "--plan.max_tokens", str(max_tokens)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    wall = time.perf_counter() - start
+    subprocess.run(
+        [sys.executable, "train.py", "validate", *common, "--ckpt_path", "last"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    fit_log, validate_log = sorted((run_dir / "logs").glob("version_*/metrics.csv"))
+    val_loss = next(
+        float(r["val/loss"]) for r in csv.DictReader(validate_log.open()) if r.get("val/loss")
+    )
+    rows = list(csv.DictReader(fit_log.open()))
+    rates = [float(r["train|items_per_sec"]) for r in rows if r.get("train|items_per_sec")]
+    steps = max(int(r["step"]) for r in rows if r.get("lr-AdamW")) + 1
+    return {
+        "steps": steps,
+        "train_seconds": wall,
+        "tokens_per_sec": sorted(rates)[len(rates) // 2],
+        "val_loss": val_loss,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=7_000_000, help="token budget of both runs")
+    args = parser.parse_args()
+    print(machine())
+    raw = raw_loop(args.tokens)
+    print(f"  raw loop done: {raw}", file=sys.stderr, flush=True)
+    ours = template(args.tokens)
+    print(f"  template done: {ours}", file=sys.stderr, flush=True)
+    print(f"\nLanguage model, {args.tokens:,} tokens (0.83M params, context 128, batch 32)")
+    print(f"{'':<22}{'steps':>7}{'tokens/s':>11}{'val/loss (nats/byte)':>23}")
+    for name, result in (("raw PyTorch loop", raw), ("template (lm.yaml)", ours)):
+        print(
+            f"{name:<22}{result['steps']:>7}{result['tokens_per_sec']:>11.0f}{result['val_loss']:>23.4f}"
+        )
+    print(f"\ntemplate / raw throughput: {ours['tokens_per_sec'] / raw['tokens_per_sec']:.3f}x")
+    print(f"val/loss difference: {abs(ours['val_loss'] - raw['val_loss']):.4f} nats/byte")
+    print(f"template fit wall time (incl. start-up and validation): {ours['train_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

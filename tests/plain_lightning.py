@@ -1,0 +1,83 @@
+"""A LightningModule and a DataModule written the way Lightning's docs show, that have
+never heard of this template. Tests select them with ``--model`` / ``--data``
+(``tests/`` on PYTHONPATH) to prove the guarantees belong to the machinery."""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+class DocsStyleModule(L.LightningModule):
+    """OneCycleLR sized from ``estimated_stepping_batches``, its own logging, dropout."""
+
+    def __init__(self, lr: float = 0.05, hidden: int = 64, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, 10),
+        )
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self.net(batch["image"]), batch["label"])
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self.net(batch["image"]), batch["label"]))
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+class DigitsDicts(Dataset):
+    """The scikit-learn digits as dicts, like the template's digits batches."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        self.images = torch.tensor(digits.images[start:stop] / 16.0, dtype=torch.float32)
+        self.labels = torch.tensor(digits.target[start:stop], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index].flatten(), "label": self.labels[index], "index": index}
+
+
+class MapStyleDataModule(L.LightningDataModule):
+    """A plain map-style DataLoader: no litdata, no train_layout."""
+
+    def __init__(self, batch_size: int = 16, num_train: int = 403, drop_last: bool = False) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_train = num_train
+        self.drop_last = drop_last
+
+    def setup(self, stage: str) -> None:
+        self.train = DigitsDicts(0, self.num_train)
+        self.val = DigitsDicts(1600, 1797)
+
+    def train_dataloader(self):
+        return DataLoader(
+            self.train, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last
+        )
+
+    def val_dataloader(self):
+        return DataLoader(self.val, batch_size=64)

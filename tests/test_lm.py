@@ -1,0 +1,262 @@
+"""The language-model example on the machinery, with nothing special-cased for it:
+token shards hold every train byte once (up to the documented per-chunk tail), the split
+is by whole file, preparation is idempotent; a token budget plans exactly the steps
+executed and the LR ends on the last step (world size 1 and 2, drop_last and
+accumulation); SIGKILL after a mid-epoch checkpoint resumes bitwise; torchrun runs
+``configs/lm.yaml``; predict writes readable continuations."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PYTHON, kill_after_checkpoint, load_plan, run, train_cmd
+
+from examples.lm.prepare import SEPARATOR, prepare, source_files
+
+CONTEXT = 16
+TINY = [
+    "--model.init_args.network.init_args.context",
+    str(CONTEXT),
+    "--model.init_args.network.init_args.width",
+    "32",
+    "--model.init_args.network.init_args.layers",
+    "1",
+    "--model.init_args.network.init_args.heads",
+    "2",
+    "--model.init_args.network.init_args.dropout",
+    "0.1",
+    "--data.context",
+    str(CONTEXT),
+    "--data.batch_size",
+    "8",
+    "--trainer.val_check_interval",
+    "null",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+    "--trainer.callbacks",
+    "[]",
+]
+
+
+def fake_source(root: Path) -> Path:
+    """A small tree of .py files, with test folders that preparation must skip."""
+    for i in range(40):
+        folder = root / ("pkg" if i % 2 else "lib") / f"m{i // 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        body = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(3 + i % 7))
+        (folder / f"mod{i}.py").write_text(body)
+    (root / "test").mkdir()
+    (root / "test" / "test_x.py").write_text("assert True\n")
+    (root / "lib" / "tests").mkdir()
+    (root / "lib" / "tests" / "t.py").write_text("assert False\n")
+    (root / "empty.py").write_text("")
+    return root
+
+
+@pytest.fixture(scope="module")
+def token_data(tmp_path_factory) -> tuple[Path, Path, dict]:
+    base = tmp_path_factory.mktemp("lm")
+    source = fake_source(base / "src")
+    out = base / "shards"
+    meta = prepare(
+        out,
+        root=source,
+        val_percent=15,
+        test_percent=10,
+        chunk_tokens=700,
+        num_workers=0,
+        log=lambda *_: None,
+    )
+    return source, out, meta
+
+
+def test_every_train_byte_lands_in_the_chunks_once_and_splits_are_by_file(token_data):
+    from litdata import StreamingDataset
+    from litdata.streaming.item_loader import TokensLoader
+
+    source, out, meta = token_data
+    files = meta["files"]
+    assert not any(
+        "test" in Path(f).parts[:-1] or "tests" in Path(f).parts[:-1]
+        for s in files.values()
+        for f in s
+    )
+    assert sum(map(len, files.values())) == len(source_files(source)) == 41
+    assert all(files[s] for s in ("train", "val", "test"))
+    assert set(files["train"]).isdisjoint(files["val"]) and set(files["train"]).isdisjoint(
+        files["test"]
+    )
+
+    block = CONTEXT + 1
+    dataset = StreamingDataset(str(out / "train"), item_loader=TokensLoader(block), shuffle=False)
+    chunks = json.loads((out / "train" / "index.json").read_text())["chunks"]
+    items = [(source / f).read_bytes() + bytes([SEPARATOR]) for f in files["train"]]
+    blocks = [bytes(dataset[i].tolist()) for i in range(len(dataset))]
+    position, tail_total = 0, 0
+    for chunk in chunks:
+        text = b"".join(items[position : position + chunk["chunk_size"]])
+        position += chunk["chunk_size"]
+        kept = len(text) // block
+        assert b"".join(blocks[:kept]) == text[: kept * block]  # in order, once
+        blocks = blocks[kept:]
+        tail_total += len(text) - kept * block
+        assert len(text) - kept * block < block  # the documented tail: under one block per chunk
+    assert position == len(items) and not blocks
+    assert tail_total < block * len(chunks)
+
+
+def test_preparation_is_skipped_when_up_to_date(token_data):
+    source, out, meta = token_data
+    index = out / "train" / "index.json"
+    before = index.stat().st_mtime_ns
+    said = []
+    again = prepare(
+        out,
+        root=source,
+        val_percent=15,
+        test_percent=10,
+        chunk_tokens=700,
+        num_workers=0,
+        log=said.append,
+    )
+    assert again == meta and index.stat().st_mtime_ns == before
+    assert "up to date" in said[0]
+
+
+def lm_fit(run_dir: Path, data: Path, *extra: str, config: str = "lm") -> list[str]:
+    return train_cmd("fit", run_dir, data, *TINY, *extra, config=config)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = sorted((run_dir / "logs").glob("version_*/metrics.csv"))[-1]
+    return list(csv.DictReader(path.open()))
+
+
+@pytest.mark.parametrize(
+    "world_size,drop_last,accumulate",
+    [(1, "true", "3"), pytest.param(2, "false", "2", marks=pytest.mark.ddp)],
+)
+def test_token_budget_plans_exactly_the_steps_executed(
+    tmp_path, token_data, world_size, drop_last, accumulate
+):
+    _, data, _ = token_data
+    run_dir = tmp_path / "run"
+    extra = [
+        "--plan.max_tokens",
+        "6000",
+        "--data.drop_last",
+        drop_last,
+        "--trainer.accumulate_grad_batches",
+        accumulate,
+        "--model.init_args.lr_schedule.decay",
+        "cosine",
+        "--model.init_args.lr_schedule.final_lr_factor",
+        "0.1",
+    ]
+    if world_size == 2:
+        extra += [
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+        ]
+    result = run(lm_fit(run_dir, data, *extra))
+    plan = load_plan(run_dir)
+    assert plan["length_from"] == "max_tokens" and plan["max_tokens"] == 6000
+    assert plan["tokens_per_sample"] == CONTEXT
+    assert plan["global_tokens_per_step"] == CONTEXT * 8 * world_size * int(accumulate)
+    assert plan["max_steps"] * plan["global_tokens_per_step"] >= 6000  # rounded up, never down
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == plan["max_steps"]
+    lrs = {int(r["step"]): float(r["lr-AdamW"]) for r in metrics(run_dir) if r.get("lr-AdamW")}
+    assert sorted(lrs) == list(range(plan["max_steps"]))
+    assert lrs[plan["max_steps"] - 1] == pytest.approx(0.003 * 0.1)
+    assert any(r.get("val/loss") for r in metrics(run_dir)), "the final weights are validated"
+    assert "tokens per optimizer step" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.ddp)])
+def test_lm_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, token_data, world_size):
+    _, data, _ = token_data
+    extra = ["--plan.max_tokens", "12000", "--checkpoint.every_n_train_steps", "4"]
+    if world_size == 2:
+        extra += [
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+        ]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run(lm_fit(reference, data, *extra))
+    plan = load_plan(reference)
+    killed_at = kill_after_checkpoint(
+        lm_fit(resumed, data, *extra), resumed, plan["steps_per_epoch"] + 1
+    )
+    assert killed_at % plan["steps_per_epoch"] != 0 and killed_at < plan["max_steps"]
+    run(lm_fit(resumed, data, *extra, "--ckpt_path", "last"))
+    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == plan["max_steps"]
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+
+
+@pytest.mark.ddp
+def test_torchrun_two_processes_run_lm_yaml_and_predict_writes_text(tmp_path, token_data):
+    from test_launch import free_port
+
+    _, data, _ = token_data
+    run_dir = tmp_path / "run"
+    cmd = lm_fit(
+        run_dir,
+        data,
+        "--plan.max_tokens",
+        "4000",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    )
+    run(
+        [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            *cmd[1:],
+        ],
+        timeout=400,
+    )
+    plan = load_plan(run_dir)
+    assert plan["world_size"] == 2 and plan["length_from"] == "max_tokens"
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == plan["max_steps"]
+
+    run(
+        train_cmd(
+            "predict",
+            run_dir,
+            data,
+            *TINY,
+            "--ckpt_path",
+            "last",
+            "--model.init_args.new_tokens",
+            "20",
+            config="lm",
+        )
+    )
+    text = sorted((run_dir / "logs").glob("version_*/predictions.txt"))[-1].read_text()
+    assert text.startswith("def fibonacci(n):\n") and text.count("-" * 72) == 3
