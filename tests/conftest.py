@@ -176,3 +176,20 @@ def kill_after_checkpoint(
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return step
+
+
+# Two gloo processes through Lightning's own launcher (add to a ddp.yaml command).
+CPU_DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
+
+def assert_same_weights(reference: Path, resumed: Path) -> dict:
+    """The two runs' last.ckpt: same global step and scheduler state, torch.equal weights."""
+    import torch
+
+    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"]
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    return b

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, kill_after_checkpoint, load_plan, run, train_cmd
+from conftest import (
+    CPU_DDP,
+    PYTHON,
+    assert_same_weights,
+    kill_after_checkpoint,
+    load_plan,
+    run,
+    train_cmd,
+)
 
 from examples.lm.prepare import SEPARATOR, prepare, source_files
 
@@ -138,7 +146,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize(
     "world_size,drop_last,accumulate",
-    [(1, "true", "3"), pytest.param(2, "false", "2", marks=pytest.mark.ddp)],
+    [(1, "true", "3"), pytest.param(2, "false", "2", marks=[pytest.mark.ddp, pytest.mark.slow])],
 )
 def test_token_budget_plans_exactly_the_steps_executed(
     tmp_path, token_data, world_size, drop_last, accumulate
@@ -158,14 +166,7 @@ def test_token_budget_plans_exactly_the_steps_executed(
         "0.1",
     ]
     if world_size == 2:
-        extra += [
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.devices",
-            "2",
-            "--trainer.strategy",
-            "ddp",
-        ]
+        extra += CPU_DDP
     result = run(lm_fit(run_dir, data, *extra))
     plan = load_plan(run_dir)
     assert plan["length_from"] == "max_tokens" and plan["max_tokens"] == 6000
@@ -181,19 +182,14 @@ def test_token_budget_plans_exactly_the_steps_executed(
     assert "tokens per optimizer step" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.ddp)])
+@pytest.mark.parametrize(
+    "world_size", [1, pytest.param(2, marks=[pytest.mark.ddp, pytest.mark.slow])]
+)
 def test_lm_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, token_data, world_size):
     _, data, _ = token_data
     extra = ["--plan.max_tokens", "12000", "--checkpoint.every_n_train_steps", "4"]
     if world_size == 2:
-        extra += [
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.devices",
-            "2",
-            "--trainer.strategy",
-            "ddp",
-        ]
+        extra += CPU_DDP
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run(lm_fit(reference, data, *extra))
     plan = load_plan(reference)
@@ -202,11 +198,7 @@ def test_lm_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, token_d
     )
     assert killed_at % plan["steps_per_epoch"] != 0 and killed_at < plan["max_steps"]
     run(lm_fit(resumed, data, *extra, "--ckpt_path", "last"))
-    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == plan["max_steps"]
-    for name, tensor in a["state_dict"].items():
-        assert torch.equal(tensor, b["state_dict"][name]), name
+    assert assert_same_weights(reference, resumed)["global_step"] == plan["max_steps"]
 
 
 @pytest.mark.ddp

@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    CPU_DDP,
     REPO,
+    assert_same_weights,
     kill_after_checkpoint,
     read_samples,
-    recorder_config,
     run,
-    train_cmd,
     write_shards,
 )
+from test_resume import fit_args
 
 EPOCH_STEPS = 51  # 403 samples, batch 8
 
@@ -33,45 +34,27 @@ def shards(tmp_path_factory) -> Path:
     return write_shards(tmp_path_factory.mktemp("recovery-shards"), 403)
 
 
-def fit_cmd(run_dir: Path, data: Path, *extra: str, config: str = "default") -> list[str]:
-    return train_cmd(
-        "fit",
-        run_dir,
-        data,
-        "--config",
-        str(recorder_config(run_dir)),
-        "--trainer.max_epochs",
-        "3",
-        "--data.batch_size",
-        "8",
-        *extra,
-        config=config,
-    )
-
-
-def assert_bitwise_equal(reference: Path, resumed: Path) -> None:
-    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"]
-    assert a["lr_schedulers"] == b["lr_schedulers"]
-    for name, tensor in a["state_dict"].items():
-        assert torch.equal(tensor, b["state_dict"][name]), name
-
-
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, shards):
     """An uninterrupted reference, and a run killed after its first epoch's checkpoints
     (the top-k file epoch000-step000051.ckpt and last.ckpt, the same state)."""
     root = tmp_path_factory.mktemp("interrupted")
     reference, killed = root / "reference", root / "killed"
-    run(fit_cmd(reference, shards))
-    step = kill_after_checkpoint(fit_cmd(killed, shards), killed, EPOCH_STEPS)
+    run(fit_args(reference, shards))
+    step = kill_after_checkpoint(fit_args(killed, shards), killed, EPOCH_STEPS)
     assert step == EPOCH_STEPS
     return reference, killed
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
-@pytest.mark.parametrize("ckpt_path", ["auto", "last"])
+@pytest.mark.parametrize(
+    "damage,ckpt_path",
+    [
+        ("missing", "auto"),
+        ("truncated", "last"),
+        pytest.param("truncated", "auto", marks=pytest.mark.slow),
+        pytest.param("missing", "last", marks=pytest.mark.slow),
+    ],
+)
 def test_missing_or_damaged_last_ckpt_resumes_from_newest_complete(
     tmp_path, shards, interrupted, damage, ckpt_path
 ):
@@ -85,12 +68,12 @@ def test_missing_or_damaged_last_ckpt_resumes_from_newest_complete(
     else:
         last.write_bytes(damaged_bytes)
 
-    result = run(fit_cmd(run_dir, shards, "--ckpt_path", ckpt_path))
+    result = run(fit_args(run_dir, shards, "--ckpt_path", ckpt_path))
 
     assert (
         "resuming from epoch000-step000051.ckpt (global step 51)" in result.stdout + result.stderr
     )
-    assert_bitwise_equal(reference, run_dir)
+    assert_same_weights(reference, run_dir)
     if damage == "truncated":  # kept, never overwritten
         assert (run_dir / "checkpoints" / "last.ckpt.damaged").read_bytes() == damaged_bytes
 
@@ -101,7 +84,7 @@ def test_only_damaged_checkpoints_are_never_overwritten(tmp_path, shards, interr
     shutil.copytree(killed, run_dir)
     for path in (run_dir / "checkpoints").glob("*.ckpt"):
         path.write_bytes(b"not a checkpoint")
-    result = run(fit_cmd(run_dir, shards, "--ckpt_path", "auto"), check=False)
+    result = run(fit_args(run_dir, shards, "--ckpt_path", "auto"), check=False)
     assert result.returncode == 2 and "holds only damaged checkpoints" in result.stderr
     assert all(p.read_bytes() == b"not a checkpoint" for p in (run_dir / "checkpoints").iterdir())
 
@@ -125,7 +108,9 @@ def send_sigterm_mid_window(cmd: list[str], run_dir: Path, after_batches: int) -
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.ddp)])
+@pytest.mark.parametrize(
+    "world_size", [1, pytest.param(2, marks=[pytest.mark.ddp, pytest.mark.slow])]
+)
 def test_sigterm_inside_accumulation_window_resumes_bitwise(tmp_path, shards, world_size):
     """accumulate 8, batch 8: the signal lands after batch 11 (inside the second window);
     the save waits for a window's end, so no accumulated gradient is lost."""
@@ -133,10 +118,10 @@ def test_sigterm_inside_accumulation_window_resumes_bitwise(tmp_path, shards, wo
     config = "default"
     if world_size == 2:
         config = "ddp"
-        extra += ["--trainer.accelerator", "cpu", "--trainer.devices", "2"]
+        extra += CPU_DDP
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    run(fit_cmd(reference, shards, *extra, config=config))
-    status = send_sigterm_mid_window(fit_cmd(resumed, shards, *extra, config=config), resumed, 11)
+    run(fit_args(reference, shards, *extra, config=config))
+    status = send_sigterm_mid_window(fit_args(resumed, shards, *extra, config=config), resumed, 11)
     assert status == 128 + signal.SIGTERM
     saved = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     # "processed": Lightning counts the batch being saved as completed only after its hooks.
@@ -145,7 +130,7 @@ def test_sigterm_inside_accumulation_window_resumes_bitwise(tmp_path, shards, wo
     assert batches_done % 8 == 0 or batches_done == batches_per_epoch, "saved inside a window"
     assert 0 < saved["global_step"] < 3 * {1: 7, 2: 4}[world_size], "saved before the end"
 
-    run(fit_cmd(resumed, shards, *extra, "--ckpt_path", "auto", config=config))
-    assert_bitwise_equal(reference, resumed)
+    run(fit_args(resumed, shards, *extra, "--ckpt_path", "auto", config=config))
+    assert_same_weights(reference, resumed)
     ref, res = read_samples(reference), read_samples(resumed)
     assert {k: v["ids"] for k, v in ref.items()} == {k: v["ids"] for k, v in res.items()}

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kill_after_checkpoint, load_plan, run, train_cmd, write_shards
+from conftest import (
+    CPU_DDP,
+    REPO,
+    assert_same_weights,
+    kill_after_checkpoint,
+    load_plan,
+    run,
+    train_cmd,
+    write_shards,
+)
 
 ENV = {"PYTHONPATH": str(REPO / "tests")}
 USER_MODULE = ["--model", "plain_lightning.DocsStyleModule"]
@@ -41,7 +50,11 @@ def scheduler_and_lrs(run_dir: Path) -> tuple[dict, dict, list[float]]:
     "length_args,length_from",
     [
         (["--trainer.max_epochs", "2", "--trainer.accumulate_grad_batches", "3"], "max_epochs"),
-        (["--trainer.max_steps", "37", "--trainer.accumulate_grad_batches", "2"], "max_steps"),
+        pytest.param(
+            ["--trainer.max_steps", "37", "--trainer.accumulate_grad_batches", "2"],
+            "max_steps",
+            marks=pytest.mark.slow,
+        ),
         (
             ["--plan.max_samples", "1000", "--trainer.accumulate_grad_batches", "4"],
             "max_samples",
@@ -87,7 +100,9 @@ def test_map_style_data_module_gets_an_exact_plan(tmp_path, shards):
     assert scheduler["total_steps"] == last["global_step"] == len(lrs) == 14
 
 
-@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.ddp)])
+@pytest.mark.parametrize(
+    "world_size", [1, pytest.param(2, marks=[pytest.mark.ddp, pytest.mark.slow])]
+)
 def test_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, shards, world_size):
     extra = [
         "--data.batch_size",
@@ -100,7 +115,7 @@ def test_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, shards, wo
     config = "default"
     if world_size == 2:
         config = "ddp"
-        extra += ["--trainer.accelerator", "cpu", "--trainer.devices", "2"]
+        extra += CPU_DDP
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     fit(reference, shards, *extra, config=config)
     steps_per_epoch = load_plan(reference)["steps_per_epoch"]
@@ -109,9 +124,4 @@ def test_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, shards, wo
     assert killed_at % steps_per_epoch != 0, "the kill should land after a mid-epoch checkpoint"
     fit(resumed, shards, *extra, "--ckpt_path", "last", config=config)
 
-    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 3 * steps_per_epoch
-    assert a["lr_schedulers"] == b["lr_schedulers"]
-    for name, tensor in a["state_dict"].items():
-        assert torch.equal(tensor, b["state_dict"][name]), name
+    assert assert_same_weights(reference, resumed)["global_step"] == 3 * steps_per_epoch

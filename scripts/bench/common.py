@@ -31,7 +31,7 @@ def bench_args(doc: str | None, samples: int | None = None, device: bool = False
     return parser.parse_args()
 
 
-def quiet_trainer(callbacks: list, logger=False, **overrides):
+def quiet_trainer(callbacks: list, logger=False, trainer_class=None, **overrides):
     """A 2-epoch CPU Trainer without validation, checkpointing, progress bar or summary:
     the set-up every timed fit here shares, so only the measured part differs."""
     import tempfile
@@ -49,7 +49,7 @@ def quiet_trainer(callbacks: list, logger=False, **overrides):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    return pl.Trainer(**{**settings, **overrides}, callbacks=callbacks)
+    return (trainer_class or pl.Trainer)(**{**settings, **overrides}, callbacks=callbacks)
 
 
 def interleave(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:

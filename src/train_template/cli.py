@@ -53,6 +53,10 @@ CHECKPOINT_DEFAULTS = {
     "checkpoint.save_top_k": 2,
     "checkpoint.save_last": True,
     "checkpoint.save_on_train_epoch_end": True,
+    # Relaunches write the same names: a preemption save made before the callback's own
+    # first save would otherwise turn the next save into last-v1.ckpt, which no relaunch
+    # reads. A fresh fit over an earlier run's checkpoints is refused instead.
+    "checkpoint.enable_version_counter": False,
 }
 
 

@@ -52,7 +52,7 @@ class TokenDataModule(StreamingDataModule):
         self,
         data_dir: str = "data/stdlib",
         context: int = 128,
-        prompts: list[str] = list(DEFAULT_PROMPTS),
+        prompts: tuple[str, ...] = DEFAULT_PROMPTS,
         **kwargs: Any,
     ) -> None:
         """
