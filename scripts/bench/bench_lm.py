@@ -6,7 +6,7 @@ evaluated on the same held-out files (val/loss, nats per byte). Throughput is tr
 tokens per second of wall time inside the training loop. Run sequentially, on the same
 machine, in one invocation.
 
-    .venv/bin/python scripts/bench/bench_lm.py                 # the default budget (7M tokens)
+    .venv/bin/python scripts/bench/bench_lm.py                 # the budget of configs/lm.yaml
     .venv/bin/python scripts/bench/bench_lm.py --tokens 2000000
 """
 
@@ -114,7 +114,8 @@ def template(max_tokens: int) -> dict:
         float(r["val/loss"]) for r in csv.DictReader(validate_log.open()) if r.get("val/loss")
     )
     rows = list(csv.DictReader(fit_log.open()))
-    rates = [float(r["train|items_per_sec"]) for r in rows if r.get("train|items_per_sec")]
+    key = "train/device/items_per_sec"  # ThroughputMonitor, this rank (world size 1 here)
+    rates = [float(r[key]) for r in rows if r.get(key)]
     steps = max(int(r["step"]) for r in rows if r.get("lr-AdamW")) + 1
     return {
         "steps": steps,
@@ -126,14 +127,19 @@ def template(max_tokens: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tokens", type=int, default=7_000_000, help="token budget of both runs")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=4_500_000,
+        help="token budget of both runs (as configs/lm.yaml)",
+    )
     args = parser.parse_args()
     print(machine())
     raw = raw_loop(args.tokens)
     print(f"  raw loop done: {raw}", file=sys.stderr, flush=True)
     ours = template(args.tokens)
     print(f"  template done: {ours}", file=sys.stderr, flush=True)
-    print(f"\nLanguage model, {args.tokens:,} tokens (0.83M params, context 128, batch 32)")
+    print(f"\nLanguage model, {args.tokens:,} tokens (0.48M params, context 128, batch 32)")
     print(f"{'':<22}{'steps':>7}{'tokens/s':>11}{'val/loss (nats/byte)':>23}")
     for name, result in (("raw PyTorch loop", raw), ("template (lm.yaml)", ours)):
         print(
