@@ -145,7 +145,8 @@ class TemplateCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would torch.load the checkpoint while parsing (a traceback for a
-        # damaged file) to merge saved hyperparameters; the module saves none, and
+        # damaged file) and merge a module's saved hyperparameters over the options given
+        # now; the options of this launch win (config.yaml records them), and
         # resolve_ckpt_path validates the file.
         return None
 
