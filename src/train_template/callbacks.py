@@ -1,5 +1,6 @@
 """Callbacks every run gets, whatever its module: per-step LR log, streaming-resume
-guard, non-finite-loss guard, predictions file, and the sample-id audit used by tests.
+guard, non-finite-loss guard, predictions file, and the sample-id audit used by tests;
+plus Lightning's ThroughputMonitor with its rates in the progress bar, for configs to add.
 
 None of them needs the module's cooperation: they read what Lightning hands every
 callback (the optimizer, the step's outputs, the loader)."""
@@ -14,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 
 from train_template.errors import UserError
@@ -42,6 +44,47 @@ class StepLRLogger(Callback):
             metrics = {f"{name}/pg{i + 1}": group["lr"] for i, group in enumerate(groups)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class ThroughputMonitor(LightningThroughputMonitor):
+    """Lightning's ThroughputMonitor, whose training rates also show in the progress bar.
+
+    Lightning's writes samples/s, items/s (tokens, with a ``length_fn``) and FLOP/s only
+    to the loggers, every ``log_every_n_steps`` steps; a person watching a run wants
+    them next to the loss. This adds ``samples/s`` and ``<items_name>/s`` (all ranks
+    together, Lightning's estimate) to the bar at the same moments and changes nothing
+    else. Rank 0 only, as Lightning's hooks are: no collective, no extra host sync.
+    """
+
+    def __init__(
+        self,
+        batch_size_fn: Any,
+        length_fn: Any = None,
+        items_name: str = "items",
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            batch_size_fn: Samples in a batch (Lightning's argument).
+            length_fn: Items (e.g. tokens) in a batch, or None (Lightning's argument).
+            items_name: What an item is, for the bar's label (``tokens`` -> ``tokens/s``).
+            kwargs: Lightning's ``Throughput`` options (``window_size``, ``separator``).
+        """
+        super().__init__(batch_size_fn, length_fn, **kwargs)
+        self.items_name = items_name
+
+    def _compute(self, trainer: pl.Trainer, iter_num: int | None = None) -> None:
+        super()._compute(trainer, iter_num)
+        if not trainer.training or not trainer._logger_connector.should_update_logs:
+            return
+        throughput = self._throughputs[trainer.state.stage]
+        rates = throughput.compute()
+        shown = {"samples/s": "samples_per_sec", f"{self.items_name}/s": "items_per_sec"}
+        for label, key in shown.items():
+            per_device = rates.get(f"device{throughput.separator}{key}")
+            if per_device is not None:  # None until the window is full
+                value = per_device * trainer.world_size
+                trainer.lightning_module.log(label, value, prog_bar=True, logger=False)
 
 
 class StreamingResumeGuard(Callback):
