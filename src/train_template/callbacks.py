@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,8 @@ class ThroughputMonitor(LightningThroughputMonitor):
 
     def __init__(
         self,
-        batch_size_fn: Any,
-        length_fn: Any = None,
+        batch_size_fn: Callable[[Any], int],
+        length_fn: Callable[[Any], int] | None = None,
         items_name: str = "items",
         **kwargs: Any,
     ) -> None:
@@ -70,6 +71,7 @@ class ThroughputMonitor(LightningThroughputMonitor):
             items_name: What an item is, for the bar's label (``tokens`` -> ``tokens/s``).
             kwargs: Lightning's ``Throughput`` options (``window_size``, ``separator``).
         """
+        # Typed as Lightning types them: jsonargparse turns "module.function" into the function.
         super().__init__(batch_size_fn, length_fn, **kwargs)
         self.items_name = items_name
 
