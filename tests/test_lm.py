@@ -23,9 +23,10 @@ from conftest import (
     train_cmd,
 )
 
-from examples.lm.prepare import SEPARATOR, prepare, source_files
+from examples.lm.prepare import SEPARATOR, packing_order, prepare, source_files
 
 CONTEXT = 16
+PIECE = 64  # bytes per piece in the fixture's preparation (files are 60-330 bytes)
 TINY = [
     "--model.init_args.network.init_args.context",
     str(CONTEXT),
@@ -45,8 +46,6 @@ TINY = [
     "null",
     "--trainer.check_val_every_n_epoch",
     "1",
-    "--trainer.callbacks",
-    "[]",
 ]
 
 
@@ -76,6 +75,7 @@ def token_data(tmp_path_factory) -> tuple[Path, Path, dict]:
         val_percent=15,
         test_percent=10,
         chunk_tokens=700,
+        piece_tokens=PIECE,
         num_workers=0,
         log=lambda *_: None,
     )
@@ -102,7 +102,18 @@ def test_every_train_byte_lands_in_the_chunks_once_and_splits_are_by_file(token_
     block = CONTEXT + 1
     dataset = StreamingDataset(str(out / "train"), item_loader=TokensLoader(block), shuffle=False)
     chunks = json.loads((out / "train" / "index.json").read_text())["chunks"]
-    items = [(source / f).read_bytes() + bytes([SEPARATOR]) for f in files["train"]]
+    # Pieces: every byte of every train file in exactly one piece, in file order ...
+    pieces = packing_order([str(source / f) for f in files["train"]], PIECE)
+    for name in files["train"]:
+        mine = sorted((start, end) for path, start, end in pieces if path == str(source / name))
+        text = (source / name).read_bytes()
+        assert b"".join(text[a:b] for a, b in mine) == text
+        assert all(0 < b - a <= PIECE for a, b in mine) or text == b""
+    # ... packed in a shuffled order, so consecutive pieces come from different files.
+    assert [p[0] for p in pieces] != sorted(p[0] for p in pieces)
+    items = []
+    for path, start, end in pieces:
+        items.append(Path(path).read_bytes()[start:end] + bytes([SEPARATOR]))
     blocks = [bytes(dataset[i].tolist()) for i in range(len(dataset))]
     position, tail_total = 0, 0
     for chunk in chunks:
@@ -128,6 +139,7 @@ def test_preparation_is_skipped_when_up_to_date(token_data):
         val_percent=15,
         test_percent=10,
         chunk_tokens=700,
+        piece_tokens=PIECE,
         num_workers=0,
         log=said.append,
     )
@@ -179,6 +191,8 @@ def test_token_budget_plans_exactly_the_steps_executed(
     assert sorted(lrs) == list(range(plan["max_steps"]))
     assert lrs[plan["max_steps"] - 1] == pytest.approx(0.003 * 0.1)
     assert any(r.get("val/loss") for r in metrics(run_dir)), "the final weights are validated"
+    # lm.yaml's ThroughputMonitor, its functions given as import paths, ran and logged
+    assert any(r.get("train/samples") for r in metrics(run_dir))
     assert "tokens per optimizer step" in result.stdout + result.stderr
 
 

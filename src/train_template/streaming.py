@@ -17,6 +17,12 @@ end-of-epoch checkpoint shuffles the next epoch as the uninterrupted run would
 
 Every rank yields the same number of train batches: where litdata's split is uneven
 (no drop_last), ``even_batches.EvenBatchesLoader`` pads the short ranks.
+
+Shuffling is only as good as the chunks: litdata permutes the chunks, then the samples
+inside each chunk, so a loader draws one chunk's samples before the next. Write data
+that is not already in random order as many small chunks of mixed content (the LM
+example: 4 KB pieces of files in shuffled order, 32k-token chunks); one chunk per
+topic trains on one topic at a time.
 """
 
 from __future__ import annotations
