@@ -29,24 +29,40 @@ from examples.lm.data import TokenDataModule  # noqa: E402
 from examples.lm.network import TinyTransformer  # noqa: E402
 from train_template.schedule import LRSchedule, PlannedLRLambda  # noqa: E402
 
-WARMUP_FRACTION = 0.02  # as configs/lm.yaml
+
+def lm_config() -> dict:
+    """The settings of configs/lm.yaml the raw loop copies (model, optimizer, schedule, data)."""
+    import yaml
+
+    configs = REPO / "configs"
+    launch = yaml.safe_load((configs / "lm.yaml").read_text())
+    model = yaml.safe_load((configs / "lm" / "model.yaml").read_text())["init_args"]
+    data = yaml.safe_load((configs / "lm" / "data.yaml").read_text())["init_args"]
+    return {
+        "network": model["network"]["init_args"],
+        "optimizer": model["optimizer"]["init_args"],
+        "schedule": model["lr_schedule"],
+        "data": {k: data[k] for k in ("context", "batch_size", "drop_last", "seed")},
+        "warmup_fraction": launch["plan"]["warmup_fraction"],
+        "max_tokens": launch["plan"]["max_tokens"],
+    }
 
 
-def raw_loop(max_tokens: int, seed: int = 42) -> dict:
+def raw_loop(max_tokens: int, config: dict) -> dict:
+    seed = config["data"]["seed"]
     torch.manual_seed(seed)
-    data = TokenDataModule(batch_size=32, context=128, drop_last=True, seed=seed)
+    data = TokenDataModule(**config["data"])
     data.prepare_data()
     data.setup("fit")
     loader = data.train_dataloader()
-    network = TinyTransformer()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=3e-3, weight_decay=0.0)
-    tokens_per_step = 32 * 128
-    samples = math.ceil(max_tokens / 128)
-    max_steps = math.ceil(samples / 32)
-    warmup = int(round(WARMUP_FRACTION * max_steps))
-    schedule = LRSchedule(decay="constant", final_lr_factor=1.0, warmup_start_factor=0.1)
+    network = TinyTransformer(**config["network"])
+    optimizer = torch.optim.AdamW(network.parameters(), **config["optimizer"])
+    batch, context = config["data"]["batch_size"], config["data"]["context"]
+    tokens_per_step = batch * context
+    max_steps = math.ceil(math.ceil(max_tokens / context) / batch)
+    warmup = int(round(config["warmup_fraction"] * max_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, PlannedLRLambda(schedule, warmup, max_steps)
+        optimizer, PlannedLRLambda(LRSchedule(**config["schedule"]), warmup, max_steps)
     )
     step, start = 0, time.perf_counter()
     network.train()
@@ -54,7 +70,7 @@ def raw_loop(max_tokens: int, seed: int = 42) -> dict:
         for batch in loader:
             batch = batch.long()
             logits = network(batch[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1))
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -79,7 +95,7 @@ def evaluate(network, data: TokenDataModule) -> float:
         batch = batch.long()
         logits = network(batch[:, :-1])
         total += F.cross_entropy(
-            logits.reshape(-1, 256), batch[:, 1:].reshape(-1), reduction="sum"
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         ).item()
         count += batch[:, 1:].numel()
     return total / count
@@ -128,18 +144,18 @@ def template(max_tokens: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--tokens",
-        type=int,
-        default=4_500_000,
-        help="token budget of both runs (as configs/lm.yaml)",
+        "--tokens", type=int, default=None, help="token budget of both runs (default: lm.yaml's)"
     )
     args = parser.parse_args()
+    config = lm_config()
+    tokens = args.tokens or config["max_tokens"]
     print(machine())
-    raw = raw_loop(args.tokens)
+    raw = raw_loop(tokens, config)
     print(f"  raw loop done: {raw}", file=sys.stderr, flush=True)
-    ours = template(args.tokens)
+    ours = template(tokens)
     print(f"  template done: {ours}", file=sys.stderr, flush=True)
-    print(f"\nLanguage model, {args.tokens:,} tokens (0.48M params, context 128, batch 32)")
+    shape = ", ".join(f"{k} {v}" for k, v in config["network"].items())
+    print(f"\nLanguage model, {tokens:,} tokens, batch {config['data']['batch_size']}, {shape}")
     print(f"{'':<22}{'steps':>7}{'tokens/s':>11}{'val/loss (nats/byte)':>23}")
     for name, result in (("raw PyTorch loop", raw), ("template (lm.yaml)", ours)):
         print(
