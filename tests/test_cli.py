@@ -11,9 +11,17 @@ import pytest
 from conftest import REPO, load_plan, run, train_cmd
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# default.yaml trains in test_embedded_default_...; the others parse here by default.
+PARSED_ELSEWHERE = {"default.yaml"}
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(c, id=c.name, marks=pytest.mark.slow if c.name in PARSED_ELSEWHERE else ())
+        for c in CONFIGS
+    ],
+)
 def test_every_shipped_config_parses_through_the_real_cli(config):
     result = run(
         [
@@ -127,14 +135,24 @@ def test_dry_run_for_a_cluster_this_machine_does_not_have(tmp_path, digits_dir):
     "args,message",
     [
         (["--ckpt_path", "last"], "--ckpt_path last: there is no"),
-        (["--data.batch_size", "0"], "--data.batch_size=0"),
-        (["--trainer.accumulate_grad_batches", "0"], "accumulate_grad_batches"),
-        (["--plan.warmup_steps", "100000"], "warmup (100000 steps) is not shorter than training"),
-        (
+        # The rest repeat rows of the error catalogue (tests/test_errors.py): -m slow.
+        pytest.param(["--data.batch_size", "0"], "--data.batch_size=0", marks=pytest.mark.slow),
+        pytest.param(
+            ["--trainer.accumulate_grad_batches", "0"],
+            "accumulate_grad_batches",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["--plan.warmup_steps", "100000"],
+            "warmup (100000 steps) is not shorter than training",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
             ["--trainer.max_steps", "10", "--plan.max_samples", "100"],
             "keep only one training length",
+            marks=pytest.mark.slow,
         ),
-        (["--no_such_option", "1"], "no_such_option"),
+        pytest.param(["--no_such_option", "1"], "no_such_option", marks=pytest.mark.slow),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(tmp_path, digits_dir, args, message):

@@ -253,7 +253,27 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+# One row per kind of failure runs by default (bad option, bad value, bad data, wrong
+# checkpoint, changed resume setting, length conflict, nothing overwritten); every row is a
+# ~12 s CLI start on 2 cores, so the others run with `-m slow`.
+DEFAULT_ROWS = {
+    "unknown-option",
+    "data-dir-missing",
+    "corrupt-shard",
+    "checkpoint-of-another-model",
+    "resume-changed-batch-size",
+    "conflicting-lengths",
+    "fresh-fit-over-earlier-run",
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, id=c[0], marks=() if c[0] in DEFAULT_ROWS else pytest.mark.slow)
+        for c in CASES
+    ],
+)
 def test_catalogue_row(tmp_path, world, case):
     _, root, data_key, extra, env, message = case
     run_dir = {
@@ -298,6 +318,7 @@ def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path, world):
         assert all(torch.isfinite(t).all() for t in state.values()), path.name
 
 
+@pytest.mark.slow  # by default: test_recovery's SIGTERM inside an accumulation window
 def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, world):
     run_dir = tmp_path / "term"
     args = ["--trainer.max_epochs", "30", "--data.batch_size", "16"]
@@ -325,6 +346,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, world):
     os.remove(last)
 
 
+@pytest.mark.slow
 def test_ckpt_best_without_a_recorded_best(tmp_path, world):
     run_dir = tmp_path / "no-val"
     run(

@@ -98,6 +98,7 @@ def test_torchrun_two_processes_see_every_sample_once(tmp_path, shards):
     assert plan["world_size"] == 2 and plan["max_steps"] == 2 * plan["steps_per_epoch"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_nodes_on_localhost(tmp_path, shards):
     run_dir, port = tmp_path / "run", free_port()
     nodes = [
@@ -218,15 +219,17 @@ def test_slurm_preemption_saves_requeues_and_resumes_exactly(tmp_path, shards):
 @pytest.mark.parametrize(
     "env,args,message",
     [
-        (
+        pytest.param(
             {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "x"},
             ["--trainer.devices", "1"],
             "SLURM started 2 tasks but --trainer.devices x --trainer.num_nodes = 1 x 1 = 1",
+            marks=pytest.mark.slow,  # the catalogue's slurm-tasks-not-devices row, too
         ),
-        (
+        pytest.param(
             {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "x"},
             [],
             "was not started with srun",
+            marks=pytest.mark.slow,
         ),
         (
             {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "RANK": "0"},
@@ -270,7 +273,7 @@ def test_sbatch_script_is_valid_shell():
     )
 
 
-@pytest.mark.parametrize("drop_last", ["true", "false"])
+@pytest.mark.parametrize("drop_last", [pytest.param("true", marks=pytest.mark.slow), "false"])
 def test_lightning_launcher_uneven_samples_plan_matches_execution(tmp_path, shards, drop_last):
     """203 samples on 2 ranks. drop_last true: litdata trims both ranks to 12 batches.
     false: litdata splits 96/107 samples (12 vs 14 batches) and the short rank is padded

@@ -176,6 +176,8 @@ def test_token_budget_plans_exactly_the_steps_executed(
         "cosine",
         "--model.init_args.lr_schedule.final_lr_factor",
         "0.1",
+        "--trainer.log_every_n_steps",
+        "2",
     ]
     if world_size == 2:
         extra += CPU_DDP

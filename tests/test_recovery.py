@@ -49,7 +49,7 @@ def interrupted(tmp_path_factory, shards):
 @pytest.mark.parametrize(
     "damage,ckpt_path",
     [
-        ("missing", "auto"),
+        pytest.param("missing", "auto", marks=pytest.mark.slow),
         ("truncated", "last"),
         pytest.param("truncated", "auto", marks=pytest.mark.slow),
         pytest.param("missing", "last", marks=pytest.mark.slow),

@@ -81,7 +81,8 @@ def epoch_orders(run_dir: Path, rank: int = 0) -> list[list[int]]:
     [
         (1, 0),
         pytest.param(1, 2, marks=pytest.mark.slow),
-        pytest.param(2, 0, marks=pytest.mark.ddp),
+        # world size 2: test_ddp_padded_rank_resumes_exactly_... covers DDP resume by default
+        pytest.param(2, 0, marks=[pytest.mark.ddp, pytest.mark.slow]),
         pytest.param(2, 2, marks=[pytest.mark.ddp, pytest.mark.slow]),
     ],
 )
@@ -110,8 +111,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
 
 @pytest.mark.parametrize(
     "length",
-    [[], ["--trainer.max_steps", "153", "--trainer.max_epochs", "-1"]],
-    ids=["epochs", "steps"],
+    [
+        pytest.param([], id="epochs", marks=pytest.mark.slow),
+        pytest.param(["--trainer.max_steps", "153", "--trainer.max_epochs", "-1"], id="steps"),
+    ],
 )
 def test_resume_from_end_of_epoch_checkpoint_continues_the_shuffle(tmp_path, shards, length):
     """With the length in steps too: Lightning restores an end-of-epoch checkpoint of a
@@ -161,6 +164,7 @@ def test_killed_checkpoint_writer_leaves_previous_checkpoint_loadable(tmp_path):
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_resume_with_another_world_size_is_refused(tmp_path, shards):
     """The README's promise: a changed world size stops with what changed, nothing else."""
     run_dir = tmp_path / "run"

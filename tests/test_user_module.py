@@ -49,7 +49,11 @@ def scheduler_and_lrs(run_dir: Path) -> tuple[dict, dict, list[float]]:
 @pytest.mark.parametrize(
     "length_args,length_from",
     [
-        (["--trainer.max_epochs", "2", "--trainer.accumulate_grad_batches", "3"], "max_epochs"),
+        pytest.param(
+            ["--trainer.max_epochs", "2", "--trainer.accumulate_grad_batches", "3"],
+            "max_epochs",
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             ["--trainer.max_steps", "37", "--trainer.accumulate_grad_batches", "2"],
             "max_steps",

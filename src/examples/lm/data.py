@@ -26,12 +26,14 @@ DEFAULT_PROMPTS = (
 
 
 def samples_in(batch: Any) -> int:
-    """Samples in a batch (for Lightning's ThroughputMonitor)."""
-    return int(batch.shape[0])
+    """Samples in a batch (for Lightning's ThroughputMonitor); a predict batch is one prompt."""
+    return 1 if isinstance(batch, str) else int(batch.shape[0])
 
 
 def tokens_in(batch: Any) -> int:
-    """Tokens the model trains on in a batch: ``context`` per sample."""
+    """Tokens the model trains on in a batch: ``context`` per sample (predict: the prompt's)."""
+    if isinstance(batch, str):
+        return len(batch.encode())
     return int(batch.shape[0] * (batch.shape[1] - 1))
 
 
