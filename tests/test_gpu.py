@@ -61,5 +61,12 @@ def test_template_collectives_run_under_nccl(tmp_path):
         callbacks=[TrainingPlanCallback(), FiniteLossGuard(), Probe()],
     )
     trainer.fit(ClassifierModule(), DigitsDataModule(str(data), batch_size=16))
-    assert seen == {"signal": 0, "decision": False, "counts": [3], "agreed": 0, "batch_counts": [7]}
+    # strategy.all_gather stacks a world dimension: (world size 1, 1 element) -> [[3]]
+    assert seen == {
+        "signal": 0,
+        "decision": False,
+        "counts": [[3]],
+        "agreed": 0,
+        "batch_counts": [7],
+    }
     assert trainer.global_step == trainer.training_plan.max_steps
