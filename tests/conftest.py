@@ -66,7 +66,7 @@ def write_shards(root: Path, num_train: int, num_val: int = 16, num_test: int = 
     """Tiny real shards: train ids 0..num_train-1, then val and test ids after them."""
     from sklearn.datasets import load_digits
 
-    from examples.digits.prepare import _write_in_process
+    from train_template.shards import write_in_process
 
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
@@ -80,7 +80,7 @@ def write_shards(root: Path, num_train: int, num_val: int = 16, num_test: int = 
             }
             for i in range(start, start + count)
         )
-        _write_in_process(samples, root / split, "1MB")
+        write_in_process(samples, root / split, chunk_bytes="1MB")
         start += count
     return root
 
@@ -102,6 +102,33 @@ def train_cmd(
         "false",
         *args,
     ]
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch, capsys):
+    """Run ``train.py`` in this process (the real CLI, imported once: a row takes about a
+    second instead of a new interpreter's start). Returns (exit status, stdout, stderr)."""
+    from train_template.cli import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI warns about pytest's own
+
+    def call(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        env = env or {}
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        capsys.readouterr()
+        try:
+            with pytest.raises(SystemExit) as exited:  # anything else is a traceback
+                main(args)
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        captured = capsys.readouterr()
+        return exited.value.code, captured.out, captured.err
+
+    return call
 
 
 def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True):

@@ -1,7 +1,8 @@
 """The bad-input and fault catalogue (docs/errors.md): every row through the real CLI.
 
-Each case asserts the exit status, the one-line message (no traceback) and that the
-files of an earlier run (checkpoints, config, logs) are byte-for-byte unchanged.
+Each case asserts the exit status, the one-line message (no traceback: only the CLI's
+own exit may leave it) and that the files of an earlier run (checkpoints, config, logs)
+are byte-for-byte unchanged. The rows run the CLI in this process, one import for all.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ CASES = [
         "warmup-longer-than-training",
         "fresh",
         "data",
-        ["--trainer.max_epochs 1 --plan.warmup_steps 50"],
+        ["--trainer.max_epochs 1 --lr_schedule.warmup_steps 50"],
         {},
         "warmup (50 steps) is not shorter than training (3 steps)",
     ),
@@ -243,6 +244,14 @@ CASES = [
         "--trainer.max_steps=0 trains nothing",
     ),
     (
+        "fsdp-without-a-gpu",
+        "fresh",
+        "data",
+        ["--config configs/fsdp.yaml"],
+        {"CUDA_VISIBLE_DEVICES": ""},
+        "shards the model over NVIDIA GPUs and this machine has none",
+    ),
+    (
         "max-epochs-zero",
         "fresh",
         "data",
@@ -253,28 +262,8 @@ CASES = [
 ]
 
 
-# One row per kind of failure runs by default (bad option, bad value, bad data, wrong
-# checkpoint, changed resume setting, length conflict, nothing overwritten); every row is a
-# ~12 s CLI start on 2 cores, so the others run with `-m slow`.
-DEFAULT_ROWS = {
-    "unknown-option",
-    "data-dir-missing",
-    "corrupt-shard",
-    "checkpoint-of-another-model",
-    "resume-changed-batch-size",
-    "conflicting-lengths",
-    "fresh-fit-over-earlier-run",
-}
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, id=c[0], marks=() if c[0] in DEFAULT_ROWS else pytest.mark.slow)
-        for c in CASES
-    ],
-)
-def test_catalogue_row(tmp_path, world, case):
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_catalogue_row(tmp_path, world, case, cli_in_process):
     _, root, data_key, extra, env, message = case
     run_dir = {
         "earlier": world["earlier"],
@@ -284,11 +273,10 @@ def test_catalogue_row(tmp_path, world, case):
     data = world.get(data_key, tmp_path / "nowhere")
     args = " ".join(extra).format(**{k: v for k, v in world.items()}).split()
     before = digest(world["earlier"])
-    result = run(train_cmd("fit", run_dir, data, *args), env=env, check=False)
-    assert result.returncode == 2, result.stderr[-3000:]
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: ") and message in last_line, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    status, _, stderr = cli_in_process(train_cmd("fit", run_dir, data, *args)[2:], env)
+    assert status == 2, stderr[-3000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line, stderr[-3000:]
     after = digest(world["earlier"])  # a failed run may add its own log folder, never touch ours
     assert {name: after.get(name) for name in before} == before
 

@@ -47,7 +47,8 @@ def test_short_rank_is_padded_and_every_sample_is_seen(monkeypatch, shards):
     assert [loader.own_batches for loader in loaders] == [12, 14]
     assert [len(loader) for loader in loaders] == [14, 14]
     # every rank knows every rank's own samples and batches (the plan counts these)
-    assert rank_module(monkeypatch, shards, 0).train_layout == [(12, 96), (14, 107)]
+    layout = rank_module(monkeypatch, shards, 0).train_layout(2)
+    assert (layout.rank_batches, layout.rank_samples) == ((12, 14), (96, 107))
     runs = [epoch_ids(loader, 2) for loader in loaders]
     for epoch in range(2):
         short, full = runs[0][epoch], runs[1][epoch]

@@ -22,13 +22,9 @@ def test_template_collectives_run_under_nccl(tmp_path):
 
     from examples.digits.data import DigitsDataModule
     from examples.digits.module import ClassifierModule
-    from train_template.callbacks import FiniteLossGuard
-    from train_template.planning import (
-        PlannedTrainer,
-        TrainingPlanCallback,
-        _batch_counts_of_all_ranks,
-    )
-    from train_template.preemption import SaveOnPreemption
+    from train_template.planning import PlannedTrainer, _batch_counts_of_all_ranks
+    from train_template.preemption import PreemptionOptions, PreemptionSave
+    from train_template.steps import template_callbacks
 
     seen = {}
 
@@ -37,7 +33,7 @@ def test_template_collectives_run_under_nccl(tmp_path):
             if batch_idx:
                 return
             assert torch.distributed.get_backend() == "nccl"
-            preemption = SaveOnPreemption(check_every_n_steps=1)
+            preemption = PreemptionSave(PreemptionOptions(check_every_n_steps=1))
             local = torch.tensor([0], device=trainer.strategy.root_device)
             seen["signal"] = int(trainer.strategy.reduce(local, reduce_op="max").item())
             seen["decision"] = trainer.strategy.reduce_boolean_decision(False, all=False)
@@ -58,7 +54,7 @@ def test_template_collectives_run_under_nccl(tmp_path):
         enable_checkpointing=False,
         enable_progress_bar=False,
         default_root_dir=tmp_path,
-        callbacks=[TrainingPlanCallback(), FiniteLossGuard(), Probe()],
+        callbacks=[*template_callbacks(), Probe()],
     )
     trainer.fit(ClassifierModule(), DigitsDataModule(str(data), batch_size=16))
     # strategy.all_gather stacks a world dimension: (world size 1, 1 element) -> [[3]]

@@ -16,8 +16,8 @@ from train_template.plan import (
     PlanError,
     WarmupSetting,
     accumulation_window_size,
-    changed_inputs,
     make_plan,
+    resume_changes,
 )
 from train_template.schedule import LRSchedule, PlannedLRLambda, lr_factor
 
@@ -139,7 +139,13 @@ def test_schedule_starts_at_warmup_start_ends_at_final_and_never_overruns(
     total, warmup_share, decay, final, stable
 ):
     warmup = int(warmup_share * total)
-    factor = PlannedLRLambda(LRSchedule(decay, final, 0.01, stable), warmup, total)
+    factor = PlannedLRLambda(
+        LRSchedule(
+            decay=decay, final_lr_factor=final, warmup_start_factor=0.01, stable_fraction=stable
+        ),
+        warmup,
+        total,
+    )
     end = 1.0 if decay == "constant" else final
     if warmup > 0:
         assert factor(0) == pytest.approx(0.01)
@@ -165,15 +171,27 @@ def test_accumulation_windows_partition_the_epoch(batches, accumulate):
     assert sizes[-1] == (batches % accumulate or accumulate)
 
 
-def test_changed_inputs_names_what_changed():
+def test_resume_changes_names_what_changed_world_size_and_data_settings_first():
+    order = {"seed": 42, "shuffle": True}
     saved = make_plan(
-        batches_per_epoch=10, batch_size=8, accumulate_grad_batches=1, max_epochs=2
+        batches_per_epoch=10,
+        batch_size=8,
+        accumulate_grad_batches=1,
+        max_epochs=2,
+        data_order=order,
     ).to_dict()
     now = make_plan(
-        batches_per_epoch=5, batch_size=8, accumulate_grad_batches=1, devices=2, max_epochs=2
+        batches_per_epoch=5,
+        batch_size=8,
+        accumulate_grad_batches=1,
+        devices=2,
+        max_epochs=2,
+        data_order={**order, "seed": 7},
     )
-    changes = changed_inputs(saved, now)
-    assert "world_size 1 -> 2" in changes and "batches_per_epoch 10 -> 5" in changes
+    changes = resume_changes(saved, now)
+    assert changes[:2] == ["world_size 1 -> 2", "--data.seed 42 -> 7"]
+    assert "batches_per_epoch 10 -> 5" in changes
+    assert resume_changes(now.to_dict(), now) == []
 
 
 @pytest.mark.parametrize("accumulate", [1, 3])

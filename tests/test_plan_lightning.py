@@ -25,8 +25,9 @@ from examples.digits.data import DigitsDataModule
 from examples.digits.module import ClassifierModule
 from examples.digits.network import MLP
 from train_template.errors import UserError
-from train_template.planning import PlannedTrainer, TrainingPlanCallback
+from train_template.planning import PlannedTrainer, PlanOptions
 from train_template.schedule import LRSchedule
+from train_template.steps import template_callbacks
 
 BASE_LR = 0.1
 
@@ -47,15 +48,14 @@ def fit(
     data_dir, *, batch_size, drop_last, accumulate, limit, epochs, warmup_fraction=0.25, scale=True
 ):
     torch.manual_seed(0)
-    model = ClassifierModule(
-        MLP(),
-        optimizer=lambda params: torch.optim.SGD(params, lr=BASE_LR),
-        lr_schedule=LRSchedule(decay="cosine", final_lr_factor=0.1, warmup_start_factor=0.01),
+    model = ClassifierModule(MLP(), optimizer=lambda params: torch.optim.SGD(params, lr=BASE_LR))
+    schedule = LRSchedule(
+        warmup_fraction=warmup_fraction,
+        decay="cosine",
+        final_lr_factor=0.1,
+        warmup_start_factor=0.01,
     )
     data = DigitsDataModule(str(data_dir), batch_size=batch_size, drop_last=drop_last, shuffle=True)
-    plan_callback = TrainingPlanCallback(
-        warmup_fraction=warmup_fraction, scale_partial_accumulation=scale
-    )
     recorder = StepRecorder()
     trainer = PlannedTrainer(
         default_root_dir=tempfile.mkdtemp(),  # plan.json goes there, never into the checkout
@@ -69,10 +69,13 @@ def fit(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[plan_callback, recorder],
+        callbacks=[
+            *template_callbacks(PlanOptions(scale_partial_accumulation=scale), schedule),
+            recorder,
+        ],
     )
     trainer.fit(model, data)
-    return trainer, plan_callback.plan, recorder, model
+    return trainer, trainer.training_plan, recorder, model
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,5 +1,6 @@
-"""Throughput in the progress bar: the template's ThroughputMonitor (Lightning's, plus the
-bar) on a module written from Lightning's docs, in one real in-process ``fit``."""
+"""Throughput in the progress bar and the logs: the template's ThroughputMonitor (read on
+logging steps only, Lightning's keys) on a module written from Lightning's docs, in one
+real in-process ``fit``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def pixels_in(batch: dict) -> int:
 
 
 def test_progress_bar_shows_samples_and_items_per_second_and_logs_lightnings_keys(tmp_path):
-    monitor = ThroughputMonitor(samples_in, pixels_in, items_name="pixels", window_size=3)
+    monitor = ThroughputMonitor(samples_in, pixels_in, items_name="pixels")
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=8,

@@ -41,9 +41,8 @@ def lm_config() -> dict:
     return {
         "network": model["network"]["init_args"],
         "optimizer": model["optimizer"]["init_args"],
-        "schedule": model["lr_schedule"],
+        "schedule": launch["lr_schedule"],
         "data": {k: data[k] for k in ("context", "batch_size", "drop_last", "seed")},
-        "warmup_fraction": launch["plan"]["warmup_fraction"],
         "max_tokens": launch["plan"]["max_tokens"],
     }
 
@@ -60,9 +59,10 @@ def raw_loop(max_tokens: int, config: dict) -> dict:
     batch, context = config["data"]["batch_size"], config["data"]["context"]
     tokens_per_step = batch * context
     max_steps = math.ceil(math.ceil(max_tokens / context) / batch)
-    warmup = int(round(config["warmup_fraction"] * max_steps))
+    schedule = LRSchedule(**config["schedule"])
+    warmup = schedule.warmup.to_steps(max_steps, steps_per_epoch=len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, PlannedLRLambda(LRSchedule(**config["schedule"]), warmup, max_steps)
+        optimizer, PlannedLRLambda(schedule, warmup, max_steps)
     )
     step, start = 0, time.perf_counter()
     network.train()

@@ -19,9 +19,8 @@ from examples.digits.data import DigitsDataModule
 from examples.digits.module import ClassifierModule
 from examples.digits.network import MLP
 from examples.digits.prepare import prepare
-from train_template.callbacks import StreamingResumeGuard, TrainingPlanCallback
-from train_template.checkpointing import RNGStateCallback
-from train_template.preemption import SaveOnPreemption
+from train_template.planning import PlannedTrainer
+from train_template.steps import template_callbacks
 
 BATCH = 32
 
@@ -44,16 +43,12 @@ class FirstBatch(pl.Callback):
         raise self.Reached
 
 
-def trainer(callbacks) -> pl.Trainer:
+def trainer(callbacks, root: str) -> pl.Trainer:
     return quiet_trainer(
+        [*template_callbacks(), *callbacks],
+        root,
+        trainer_class=PlannedTrainer,
         num_sanity_val_steps=0,
-        callbacks=[
-            TrainingPlanCallback(),
-            RNGStateCallback(),
-            SaveOnPreemption(),
-            StreamingResumeGuard(),
-            *callbacks,
-        ],
     )
 
 
@@ -68,7 +63,9 @@ def resume_seconds(data_dir: Path, checkpoint: Path) -> float:
     first = FirstBatch()
     start = time.perf_counter()
     try:
-        trainer([first]).fit(model, data, ckpt_path=str(checkpoint))
+        trainer([first], str(data_dir.parent / "resume")).fit(
+            model, data, ckpt_path=str(checkpoint)
+        )
     except FirstBatch.Reached:
         pass
     return first.time - start
@@ -91,7 +88,7 @@ def main() -> None:
         }
         model, data = parts(tmp / "shards")
         saver = SaveAt(dict(at))
-        trainer([saver]).fit(model, data)
+        trainer([saver], str(tmp / "first")).fit(model, data)
         assert not saver.steps, f"checkpoints not taken: {saver.steps}"
         results = interleave(
             {

@@ -29,15 +29,10 @@ from examples.digits.data import DigitsDataModule, images_to_float  # noqa: E402
 from examples.digits.module import ClassifierModule  # noqa: E402
 from examples.digits.network import MLP, SmallCNN  # noqa: E402
 from examples.digits.prepare import prepare  # noqa: E402
-from train_template.callbacks import (  # noqa: E402
-    FiniteLossGuard,
-    StepLRLogger,
-    StreamingResumeGuard,
-)
-from train_template.checkpointing import RNGStateCallback, RunCheckpoint
-from train_template.planning import PlannedTrainer, TrainingPlanCallback  # noqa: E402
-from train_template.preemption import SaveOnPreemption  # noqa: E402
+from train_template.checkpointing import RunCheckpoint  # noqa: E402
+from train_template.planning import PlannedTrainer  # noqa: E402
 from train_template.schedule import LRSchedule, PlannedLRLambda  # noqa: E402
+from train_template.steps import template_callbacks  # noqa: E402
 
 SIZES = {
     # name: (network factory, batch size)
@@ -75,23 +70,21 @@ def template_epoch(
         model = BareModule(network())
     data = DigitsDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
     timer = EpochTimer()
+    # Every callback the CLI adds to a fit (RunCheckpoint saves at epoch ends, after the
+    # timer has stopped; its per-step hook is timed).
+    checkpoint = RunCheckpoint(dirpath=str(Path(log_dir) / "checkpoints"), save_last=True)
     trainer = quiet_trainer(
+        [
+            *template_callbacks(
+                lr_schedule=LRSchedule(warmup_fraction=0.05), checkpoint=checkpoint
+            ),
+            timer,
+        ],
+        log_dir,
         logger=pl.loggers.CSVLogger(log_dir),
         log_every_n_steps=10,  # as configs/default.yaml
         trainer_class=PlannedTrainer,
         enable_checkpointing=True,
-        # Every callback the CLI always adds (RunCheckpoint saves at epoch ends, after
-        # the timer has stopped; its per-step hook is timed).
-        callbacks=[
-            TrainingPlanCallback(warmup_fraction=0.05),
-            StreamingResumeGuard(),
-            FiniteLossGuard(),
-            RNGStateCallback(),
-            SaveOnPreemption(),
-            StepLRLogger(),
-            RunCheckpoint(dirpath=str(Path(log_dir) / "checkpoints"), save_last=True),
-            timer,
-        ],
         **device,
     )
     trainer.fit(model, data)  # epoch 1 warms up; the timer keeps epoch 2
@@ -118,11 +111,11 @@ class BareModule(pl.LightningModule):
         }
 
 
-def bare_lightning_epoch(data_dir: Path, network, batch_size: int, **device) -> float:
+def bare_lightning_epoch(data_dir: Path, network, batch_size: int, log_dir: str, **device) -> float:
     torch.manual_seed(0)
     data = DigitsDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
     timer = EpochTimer()
-    trainer = quiet_trainer([timer], **device)
+    trainer = quiet_trainer([timer], log_dir, **device)
     trainer.fit(BareModule(network()), data)
     return timer.seconds / timer.steps * 1000
 
@@ -168,7 +161,7 @@ def main() -> None:
                         data_dir, n, b, **device
                     ),
                     "bare Lightning": lambda n=network, b=batch_size: bare_lightning_epoch(
-                        data_dir, n, b, **device
+                        data_dir, n, b, tmp, **device
                     ),
                     "template machinery": lambda n=network, b=batch_size: template_epoch(
                         data_dir, n, b, tmp, False, **device

@@ -31,15 +31,14 @@ def bench_args(doc: str | None, samples: int | None = None, device: bool = False
     return parser.parse_args()
 
 
-def quiet_trainer(callbacks: list, logger=False, trainer_class=None, **overrides):
+def quiet_trainer(callbacks: list, root: str, logger=False, trainer_class=None, **overrides):
     """A 2-epoch CPU Trainer without validation, checkpointing, progress bar or summary:
-    the set-up every timed fit here shares, so only the measured part differs."""
-    import tempfile
-
+    the set-up every timed fit here shares, so only the measured part differs. Its files
+    (plan.json, logs) go under ``root``, the benchmark's own temporary folder."""
     import lightning.pytorch as pl
 
     settings = dict(
-        default_root_dir=tempfile.mkdtemp(prefix="bench-"),  # plan.json and logs, not the checkout
+        default_root_dir=root,
         accelerator="cpu",
         devices=1,
         max_epochs=2,
@@ -107,7 +106,7 @@ def synthetic_source(
     path: Path, num_samples: int, side: int = 32, channels: int = 3, seed: int = 0
 ) -> Path:
     """A synthetic image-classification .npz big enough for loader numbers to mean something,
-    fed through the same preparation path as real data (``data_prep.prepare``)."""
+    fed through the same preparation path as real data (``examples.digits.prepare.prepare``)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)

@@ -1,14 +1,13 @@
-"""Callbacks every run gets, whatever its module: per-step LR log, streaming-resume
-guard, non-finite-loss guard, predictions file, and the sample-id audit used by tests;
-plus Lightning's ThroughputMonitor with its rates in the progress bar, for configs to add.
-
-None of them needs the module's cooperation: they read what Lightning hands every
-callback (the optimizer, the step's outputs, the loader)."""
+"""Callbacks a config may add, beside the template's own (``steps.template_callbacks``):
+throughput in the progress bar, the predictions file (added for ``predict``), and the
+sample-id audit that proves an exact resume on your own data (``SampleIdRecorder``,
+used by the tests and ``scripts/soak_kill.py``)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,45 +15,25 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 
-from train_template.errors import UserError
-from train_template.planning import TrainingPlanCallback
+from train_template import seam
 
 
-class StepLRLogger(Callback):
-    """The learning rate of every optimizer step in the loggers, as ``lr-<Optimizer>``.
+class ThroughputMonitor(Callback):
+    """Training throughput in the progress bar and the logs, read on logging steps only.
 
-    Lightning's LearningRateMonitor writes only on ``log_every_n_steps`` steps, so a
-    complete LR curve needed ``log_every_n_steps: 1``, and that makes every logged
-    metric a row per step too (about 0.4 ms per step, 30% of a tiny model's step on
-    a CPU). This hands one float per step straight to the loggers instead.
-    """
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
-    ) -> None:
-        if not trainer.loggers:
-            return
-        name = f"lr-{type(optimizer).__name__}"
-        groups = optimizer.param_groups
-        if len(groups) == 1:
-            metrics = {name: groups[0]["lr"]}
-        else:
-            metrics = {f"{name}/pg{i + 1}": group["lr"] for i, group in enumerate(groups)}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-
-
-class ThroughputMonitor(LightningThroughputMonitor):
-    """Lightning's ThroughputMonitor, whose training rates also show in the progress bar.
-
-    Lightning's writes samples/s, items/s (tokens, with a ``length_fn``) and FLOP/s only
-    to the loggers, every ``log_every_n_steps`` steps; a person watching a run wants
-    them next to the loss. This adds ``samples/s`` and ``<items_name>/s`` (all ranks
-    together, Lightning's estimate) to the bar at the same moments and changes nothing
-    else. Rank 0 only, as Lightning's hooks are: no collective, no extra host sync.
+    Lightning's ThroughputMonitor synchronizes the GPU after every training batch to time
+    it, which stalls the GPU queue on every step. This one counts samples and items on
+    the host every batch (``batch_size_fn``/``length_fn`` read shapes: no sync) and reads
+    the clock only on Lightning's logging steps, after one ``torch.cuda.synchronize``
+    there: each rate is over the batches since the previous logging step. The logs get
+    Lightning's keys: ``train/time`` (training seconds so far, validation excluded),
+    ``train/batches``, ``train/samples``, ``train/items``, ``train/device/samples_per_sec`` and ``train/device/items_per_sec``
+    (this rank; ``.../flops_per_sec`` when the module has ``flops_per_batch``) and, with
+    several ranks, ``train/samples_per_sec`` and ``train/items_per_sec`` (times the world
+    size, as Lightning estimates). The progress bar shows ``samples/s`` and
+    ``<items_name>/s`` for all ranks together.
     """
 
     def __init__(
@@ -62,63 +41,26 @@ class ThroughputMonitor(LightningThroughputMonitor):
         batch_size_fn: Callable[[Any], int],
         length_fn: Callable[[Any], int] | None = None,
         items_name: str = "items",
-        **kwargs: Any,
     ) -> None:
         """
         Args:
-            batch_size_fn: Samples in a batch (Lightning's argument).
-            length_fn: Items (e.g. tokens) in a batch, or None (Lightning's argument).
+            batch_size_fn: Samples in a batch.
+            length_fn: Items (e.g. tokens) in a batch, or None.
             items_name: What an item is, for the bar's label (``tokens`` -> ``tokens/s``).
-            kwargs: Lightning's ``Throughput`` options (``window_size``, ``separator``).
         """
-        # Typed as Lightning types them: jsonargparse turns "module.function" into the function.
-        super().__init__(batch_size_fn, length_fn, **kwargs)
+        # Typed as callables: jsonargparse turns "module.function" into the function.
+        self.batch_size_fn = batch_size_fn
+        self.length_fn = length_fn
         self.items_name = items_name
-
-    def _compute(self, trainer: pl.Trainer, iter_num: int | None = None) -> None:
-        super()._compute(trainer, iter_num)
-        if not trainer.training or not trainer._logger_connector.should_update_logs:
-            return
-        throughput = self._throughputs[trainer.state.stage]
-        rates = throughput.compute()
-        shown = {"samples/s": "samples_per_sec", f"{self.items_name}/s": "items_per_sec"}
-        for label, key in shown.items():
-            per_device = rates.get(f"device{throughput.separator}{key}")
-            if per_device is not None:  # None until the window is full
-                value = per_device * trainer.world_size
-                trainer.lightning_module.log(label, value, prog_bar=True, logger=False)
-
-
-class StreamingResumeGuard(Callback):
-    """Keeps a resumed StreamingDataLoader from replaying its restored state next epoch.
-
-    After ``load_state_dict`` litdata keeps ``restore=True`` until its iterator runs to
-    exhaustion, but Lightning stops at the loader's length without exhausting it. The
-    epoch after a mid-epoch resume would then start from the stale restored position
-    instead of a fresh, reshuffled epoch. ``on_train_epoch_start`` is skipped for the
-    resumed epoch itself and runs before every later epoch's iterator is created.
-    """
+        self._counts = [0, 0, 0]  # samples, items, flops since the last reading
+        self._since: float | None = None  # the clock at the last reading
+        self._totals = {"time": 0.0, "batches": 0, "samples": 0, "items": 0}  # this rank
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loader = trainer.train_dataloader
-        if getattr(loader, "restore", False):
-            loader.restore = False
+        self._since = None  # start-up and validation time are not training time
 
-
-class FiniteLossGuard(Callback):
-    """Stops training on a NaN or infinite loss, and never lets a checkpoint written after
-    one (or holding non-finite weights) replace the last good checkpoint.
-
-    No host sync per step: every step only folds ``isfinite(loss)`` into a flag kept
-    on the loss's device. The flag is read (one sync; with several processes one
-    all-reduce through the strategy, so all ranks stop together) every
-    ``log_every_n_steps`` batches, where Lightning syncs for logging anyway, and before
-    every checkpoint save. Checkpoint callbacks run after all others, and a save is
-    refused from inside ``on_save_checkpoint``, so ``last.ckpt`` stays the last good one.
-    """
-
-    def __init__(self) -> None:
-        self._finite: torch.Tensor | None = None  # on the device: all losses finite so far
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._since = None
 
     def on_train_batch_end(
         self,
@@ -128,52 +70,43 @@ class FiniteLossGuard(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
+        samples = self.batch_size_fn(batch)
+        items = self.length_fn(batch) if self.length_fn is not None else 0
+        self._counts[0] += samples
+        self._counts[1] += items
+        self._counts[2] += getattr(pl_module, "flops_per_batch", 0) or 0
+        self._totals["batches"] += 1
+        self._totals["samples"] += samples
+        self._totals["items"] += items
+        if not seam.is_logging_step(trainer):
             return
-        finite = torch.isfinite(loss.detach()).all()
-        self._finite = finite if self._finite is None else self._finite & finite
-        if (batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0:
-            self._check_loss(trainer, f"epoch {trainer.current_epoch}, batch {batch_idx}")
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_loss(trainer, f"epoch {trainer.current_epoch}")
-
-    def _check_loss(self, trainer: pl.Trainer, where: str) -> None:
-        bad = self._finite is not None and not bool(self._finite)
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            raise UserError(
-                f"the training loss became non-finite by {where} (global step "
-                f"{trainer.global_step}): lower the learning rate "
-                "(--model.optimizer.init_args.lr) or set --trainer.gradient_clip_val; "
-                "the last good checkpoint is kept"
-            )
-
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Every rank builds the checkpoint (rank 0 writes it): a collective is safe here.
-        self._check_loss(trainer, "this checkpoint")
-        # A finite loss can still be followed by an update that makes weights inf/NaN.
-        # One sync for all parameters; decided together (FSDP shards differ per rank).
-        params = list(pl_module.parameters())
-        bad = bool(params) and not bool(
-            torch.stack([torch.isfinite(p).all() for p in params]).all()
-        )
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            name = next(
-                (n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()),
-                "on another rank",
-            )
-            raise UserError(
-                f"the weights became non-finite ({name}) at global step {trainer.global_step}: "
-                "lower the learning rate (--model.optimizer.init_args.lr) or set "
-                "--trainer.gradient_clip_val; the last good checkpoint is kept"
-            )
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # queued work counts; once per logging step
+        now = time.perf_counter()
+        since, self._since = self._since, now
+        samples, items, flops = self._counts
+        self._counts = [0, 0, 0]
+        if since is None or now <= since:
+            return  # the first reading only sets the clock
+        seconds = now - since
+        self._totals["time"] += seconds
+        rates = {"samples_per_sec": samples / seconds}
+        if self.length_fn is not None:
+            rates["items_per_sec"] = items / seconds
+        if flops:
+            rates["flops_per_sec"] = flops / seconds
+        totals = {k: v for k, v in self._totals.items() if k != "items" or self.length_fn}
+        metrics = {f"train/{key}": value for key, value in totals.items()}
+        metrics.update({f"train/device/{key}": value for key, value in rates.items()})
+        world = trainer.world_size
+        if world > 1:
+            metrics.update({f"train/{key}": value * world for key, value in rates.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        shown = {"samples/s": "samples_per_sec", f"{self.items_name}/s": "items_per_sec"}
+        for label, key in shown.items():
+            if key in rates:
+                pl_module.log(label, rates[key] * world, prog_bar=True, logger=False)
 
 
 class SampleIdRecorder(Callback):
@@ -194,12 +127,11 @@ class SampleIdRecorder(Callback):
         self._plan_written = False
 
     def _write_plan(self, trainer: pl.Trainer) -> None:
-        # At the first batch: the plan callback's on_train_start may run after ours.
-        plans = [cb.plan for cb in trainer.callbacks if isinstance(cb, TrainingPlanCallback)]
-        if plans and plans[0] is not None:
+        plan = getattr(trainer, "training_plan", None)
+        if plan is not None:
             path = Path(self.out_dir) / f"plan-rank{trainer.global_rank}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(plans[0].to_json())
+            path.write_text(plan.to_json())
         self._plan_written = True
 
     def on_train_batch_start(

@@ -1,4 +1,4 @@
-"""Checkpointing: the template's ModelCheckpoint, the RNG state carried in checkpoints,
+"""Checkpointing: the template's ModelCheckpoint, every rank's RNG state in checkpoints,
 and which checkpoint a resume (``--ckpt_path last|auto|best|<file>``) starts from.
 
 Writes are already atomic in Lightning: ``TorchCheckpointIO`` serialises to memory and
@@ -16,15 +16,14 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from train_template import launch
+from train_template import launch, seam
 from train_template.errors import UserError
+from train_template.seam import ModelCheckpointSeam
 
 
-class RunCheckpoint(ModelCheckpoint):
+class RunCheckpoint(ModelCheckpointSeam):
     """ModelCheckpoint whose ``last.ckpt`` is always the latest save point.
 
     Stock ModelCheckpoint refreshes ``last.ckpt`` only when it also saved a top-k
@@ -45,77 +44,57 @@ class RunCheckpoint(ModelCheckpoint):
         batch_idx: int,
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        step_trigger = (
-            self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
-        )
-        if step_trigger:
-            self._refresh_last(trainer)
+        every = self.every_n_train_steps
+        if every >= 1 and trainer.global_step % every == 0:
+            self.save_last_now(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        self._refresh_last(trainer)
+        self.save_last_now(trainer)
 
-    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+    def keeps_top_k(self, monitor_candidates: dict) -> bool:
         # The default monitor (val/acc) is the example's metric; a module that does not
         # log it still trains and keeps last.ckpt, with one warning saying what to set.
-        if self.monitor is not None and self.monitor not in monitor_candidates:
-            if not self._warned_monitor:
-                self._warned_monitor = True
-                logged = [k for k in monitor_candidates if k not in ("epoch", "step")]
-                rank_zero_warn(
-                    f"--checkpoint.monitor={self.monitor} is not logged by this module "
-                    f"(it logs {logged}): only last.ckpt is kept; set --checkpoint.monitor "
-                    "(and --checkpoint.mode) to one of those to keep the best checkpoints"
-                )
-            return
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
-
-    def _refresh_last(self, trainer: pl.Trainer) -> None:
-        # Skipped when this step was saved already (then last.ckpt is current).
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.monitor is None or self.monitor in monitor_candidates:
+            return True
+        if not self._warned_monitor:
+            self._warned_monitor = True
+            logged = [k for k in monitor_candidates if k not in ("epoch", "step")]
+            rank_zero_warn(
+                f"--checkpoint.monitor={self.monitor} is not logged by this module "
+                f"(it logs {logged}): only last.ckpt is kept; set --checkpoint.monitor "
+                "(and --checkpoint.mode) to one of those to keep the best checkpoints"
+            )
+        return False
 
 
-class RNGStateCallback(Callback):
-    """Saves every rank's torch, CUDA, numpy and Python RNG states so dropout after a
-    resume is unchanged.
+# -- every rank's RNG states in the checkpoint --------------------------------------
+# Lightning checkpoints do not hold the global RNG states; without them a resumed run
+# draws different dropout masks and ends with different weights. Ranks drift apart (a
+# short last batch or a padding batch draws a different number of dropout values), and
+# only rank 0 writes the checkpoint, so the states are gathered from all ranks.
 
-    Lightning checkpoints do not hold the global RNG states; without them a resumed
-    run draws different dropout masks and ends with different weights. Ranks drift
-    apart (a short last batch or a padding batch draws a different number of dropout
-    values), and only rank 0 writes the checkpoint, so the states are gathered from
-    all ranks. They are put back at the first training batch: between
-    ``on_train_start`` and that batch Lightning's loops still draw from the global
-    generator.
-    """
 
-    def __init__(self) -> None:
-        self._restored: list[dict[str, Any]] | None = None
+def gathered_rng_states() -> list[dict[str, Any]]:
+    """Every rank's torch, CUDA, numpy and Python RNG states, in rank order.
 
-    def state_dict(self) -> dict[str, Any]:
-        # Lightning builds the checkpoint on every rank (only rank 0 writes it), so a
-        # collective is safe here.
-        states = _collect_rng_states(include_cuda=True)  # torch, CUDA, numpy, Python
-        # numpy's state holds an ndarray; as tensors and ints, checkpoints still load with
-        # weights_only=True.
-        states["numpy"] = _numpy_state_to_safe(states["numpy"])
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return {"ranks": [states]}
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, states)
-        return {"ranks": gathered}
+    Lightning builds the checkpoint on every rank (only rank 0 writes it), so the
+    collective is safe where this is called (``state_dict``)."""
+    states = seam.collect_rng_states()
+    # numpy's state holds an ndarray; as tensors and ints, checkpoints still load with
+    # weights_only=True.
+    states["numpy"] = _numpy_state_to_safe(states["numpy"])
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [states]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, states)
+    return gathered
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = state_dict.get("ranks")
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if not self._restored:
-            return
-        states = self._restored[min(trainer.global_rank, len(self._restored) - 1)]
-        _set_rng_states({**states, "numpy": _numpy_state_from_safe(states["numpy"])})
-        self._restored = None
+def restore_rng_states(ranks: list[dict[str, Any]], rank: int) -> None:
+    """Put back this rank's saved states (the last saved rank's on a larger world)."""
+    states = ranks[min(rank, len(ranks) - 1)]
+    seam.set_rng_states({**states, "numpy": _numpy_state_from_safe(states["numpy"])})
 
 
 def _numpy_state_to_safe(state: tuple) -> dict[str, Any]:
@@ -232,10 +211,7 @@ def checkpoint_progress(path: Path) -> tuple[int, int, int] | None:
             if not any(name.endswith("data.pkl") for name in archive.namelist()):
                 return None
         checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
-        epochs = fit_loop.get("epoch_progress", {}).get("current", {}).get("completed", 0)
-        batches = fit_loop.get("epoch_loop.batch_progress", {}).get("total", {}).get("completed", 0)
-        return int(checkpoint["global_step"]), int(epochs), int(batches)
+        return seam.checkpoint_progress_of(checkpoint)
     except Exception:  # noqa: BLE001 - any failure to load means "not resumable"
         return None
 

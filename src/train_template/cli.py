@@ -7,8 +7,12 @@ any of them. Options beyond the Trainer's, model's and DataModule's own:
 - ``--checkpoint.*``: the ModelCheckpoint used for training. Default: save at the end
   of every training epoch into ``<default_root_dir>/checkpoints`` (the same folder on
   every relaunch), keep ``last.ckpt`` and the best two by ``val/acc``.
+- ``--plan.*``: the training plan's own inputs (``max_samples``, ``max_tokens``).
+- ``--lr_schedule.*``: the whole LR curve, warmup included (``schedule.LRSchedule``).
 - ``--preemption.*``: how often several processes agree on a SIGUSR1/SIGTERM.
-- ``--plan.*``: the training plan's own inputs (``max_samples``, ``max_tokens``, warmup).
+
+``configs/default.yaml`` is the base of every run (the embedded default); a ``--config``
+overlays it, so ``configs/ddp.yaml`` says only what DDP changes.
 - ``--ckpt_path last`` resumes from the newest complete checkpoint of the run
   (``last.ckpt`` unless it is missing or damaged) and fails if there is none;
   ``--ckpt_path auto`` does the same and starts fresh when there is none (what a
@@ -25,25 +29,24 @@ from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 
 from train_template import launch
-from train_template.callbacks import (
-    FiniteLossGuard,
-    PredictionWriter,
-    StepLRLogger,
-    StreamingResumeGuard,
-)
-from train_template.checkpointing import RNGStateCallback, RunCheckpoint, resolve_ckpt_path
+from train_template.checkpointing import RunCheckpoint, resolve_ckpt_path
 from train_template.errors import UserError
-from train_template.planning import PlannedTrainer, TrainingPlanCallback
-from train_template.preemption import SaveOnPreemption
+from train_template.planning import PlannedTrainer, PlanOptions
+from train_template.preemption import PreemptionOptions
 from train_template.quiet import silence_known_messages
+from train_template.schedule import LRSchedule
+from train_template.seam import CLISeam
+from train_template.steps import template_callbacks
 
 # The embedded example, named (not imported) so that the machinery never depends on it:
 # `--model` / `--data` or a config's `model:` / `data:` block replace these.
 DEFAULT_MODEL = "examples.digits.module.ClassifierModule"
 DEFAULT_DATA = "examples.digits.data.DigitsDataModule"
+# The base config every --config overlays (model, data, length, logging, LR curve).
+BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 
 CHECKPOINT_DEFAULTS = {
     "checkpoint.filename": "epoch{epoch:03d}-step{step:06d}",
@@ -60,7 +63,7 @@ CHECKPOINT_DEFAULTS = {
 }
 
 
-class TemplateCLI(LightningCLI):
+class TemplateCLI(CLISeam):
     """LightningCLI for the template: fit, validate, test, predict and plan."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -71,42 +74,30 @@ class TemplateCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", PlannedTrainer)
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
-        # Always on, whatever trainer.callbacks a config lists (LightningCLI appends these).
-        kwargs.setdefault(
-            "trainer_defaults",
-            {
-                "callbacks": [
-                    StreamingResumeGuard(),
-                    RNGStateCallback(),
-                    FiniteLossGuard(),
-                    PredictionWriter(),
-                    StepLRLogger(),
-                ]
-            },
-        )
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(CHECKPOINT_DEFAULTS)
-        parser.add_lightning_class_args(TrainingPlanCallback, "plan")
-        parser.add_lightning_class_args(SaveOnPreemption, "preemption")
+        parser.add_class_arguments(PlanOptions, "plan")
+        parser.add_class_arguments(LRSchedule, "lr_schedule")
+        parser.add_class_arguments(PreemptionOptions, "preemption")
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
         parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
 
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        super()._add_subcommands(parser, **kwargs)
-        plan_parser = self.init_parser(description="Print the training plan without training.")
-        self._add_arguments(plan_parser)
-        plan_parser.add_argument("--json", type=bool, default=False, help="Print the plan as JSON.")
-        plan_parser.add_argument(
+    def extra_subcommands(self) -> dict[str, str]:
+        return {"plan": "Print the training plan (any world size) without training."}
+
+    def add_extra_subcommand_arguments(self, name: str, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--json", type=bool, default=False, help="Print the plan as JSON.")
+        parser.add_argument(
             "--lr_curve", type=str | None, default=None, help="Save the LR curve to this PNG file."
         )
-        self._subcommand_method_arguments["plan"] = []
-        self._subcommand_parsers["plan"] = plan_parser
-        parser._subcommands_action.add_subcommand(
-            "plan", plan_parser, help="Print the training plan (any world size) without training."
-        )
+
+    def run_extra_subcommand(self, name: str) -> None:
+        from train_template.dry_run import run_plan
+
+        run_plan(self.config["plan"], self.datamodule, self.model, self.config_init["plan"])
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -128,6 +119,7 @@ class TemplateCLI(LightningCLI):
         if self.subcommand != "plan":  # the dry run writes nothing and starts no processes
             check_writable(root)
             launch.check_environment(trainer.devices, trainer.num_nodes)
+            launch.check_strategy(trainer.strategy, trainer.accelerator, _cuda_available())
             if launch.in_slurm_job() and not trainer.plugins:
                 # SaveOnPreemption saves and requeues at a step boundary instead of
                 # Lightning's save from inside the signal handler.
@@ -141,26 +133,32 @@ class TemplateCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         # The dry run plans for world sizes this machine may not have: no Trainer.
-        return None if self.subcommand == "plan" else super().instantiate_trainer(**kwargs)
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI would torch.load the checkpoint while parsing (a traceback for a
-        # damaged file) and merge a module's saved hyperparameters over the options given
-        # now; the options of this launch win (config.yaml records them), and
-        # resolve_ckpt_path validates the file.
-        return None
+        if self.subcommand == "plan":
+            return None
+        init = self.config_init[self.subcommand]
+        own = init.trainer.get("callbacks") or []
+        # A config's own callbacks first, then the template's (the checkpoint callback
+        # from --checkpoint.* is added by LightningCLI and run last by Lightning).
+        kwargs["callbacks"] = [
+            *(own if isinstance(own, list) else [own]),
+            *template_callbacks(
+                plan=init.plan,
+                lr_schedule=init.lr_schedule,
+                preemption=init.preemption,
+                predict=self.subcommand == "predict",
+            ),
+        ]
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         if self.config["fit"].get("ckpt_path") is None:
             refuse_to_overwrite(self.config["fit"].checkpoint.dirpath)
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand == "plan":
-            from train_template.dry_run import run_plan
 
-            run_plan(self.config["plan"], self.datamodule, self.model, self.config_init["plan"])
-            return
-        super()._run_subcommand(subcommand)
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def check_writable(root: str) -> None:
@@ -192,8 +190,12 @@ def refuse_to_overwrite(checkpoint_dir: str) -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns user errors into one line and exit status 2."""
     silence_known_messages()
+    parser_kwargs: dict[str, Any] = {"exit_on_error": False}
+    if BASE_CONFIG.is_file():
+        for subcommand in ("fit", "validate", "test", "predict", "plan"):
+            parser_kwargs[subcommand] = {"default_config_files": [str(BASE_CONFIG)]}
     try:
-        TemplateCLI(args=args, parser_kwargs={"exit_on_error": False})
+        TemplateCLI(args=args, parser_kwargs=parser_kwargs)
     except UserError as error:
         _fail(str(error))
     except MisconfigurationException as error:  # Lightning's own "fix your settings" errors

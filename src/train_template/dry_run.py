@@ -1,28 +1,25 @@
 """The ``plan`` command: the training plan for any world size, without training.
 
-A data module that can say what each rank's loader yields at a given world size
-(``train_batches_per_rank``, as ``StreamingDataModule`` does with litdata's own length
-rule) is asked; any other is measured as Lightning's ``DistributedSampler`` would split
-its dataset. ``limit_train_batches`` goes through Lightning's own parser, so the dry
-run and a real fit derive the same plan. ``--lr_curve`` calls the module's own
-``configure_optimizers`` against the plan and steps its scheduler, so it draws the
-curve any module (OneCycleLR included) would follow.
+It calls the same ``planning.plan_run`` a fit calls at setup, with the config's numbers
+instead of a Trainer's: a data module with ``train_layout(world_size)`` (as
+``StreamingDataModule``, with litdata's own length rule) is asked, any other is measured
+as Lightning's ``DistributedSampler`` would split it. ``--lr_curve`` calls the module's own
+``configure_optimizers`` under a real (unlaunched) Trainer that holds the plan and steps
+its scheduler, so it draws the curve any module (OneCycleLR included) would follow.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import warnings
-from types import SimpleNamespace
 from typing import Any
 
-from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
-from lightning.pytorch.trainer.states import RunningStage
-
+from train_template import seam
 from train_template.errors import UserError
 from train_template.launch import requested_world_size
 from train_template.plan import TrainingPlan, format_plan
-from train_template.planning import TrainingPlanCallback
+from train_template.planning import PlannedTrainer, plan_run
+from train_template.schedule import LRSchedule, is_planned_scheduler
 
 
 def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None:
@@ -33,81 +30,65 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
         raise UserError(
             f"--trainer.devices={trainer.devices}: the dry run needs a device count, e.g. --trainer.devices 8"
         )
-    devices = world_size // num_nodes
-    per_rank, batch_size = per_rank_layout(datamodule, world_size)
-    length = max(batches for batches, _ in per_rank)  # short ranks are padded to it
-    limit = 1.0 if trainer.limit_train_batches is None else trainer.limit_train_batches
-    batches = _parse_num_batches(RunningStage.TRAINING, length, limit)
+    if datamodule is not None and not callable(getattr(datamodule, "train_layout", None)):
+        datamodule.setup("fit")  # a map-style module builds its datasets here
     max_epochs = trainer.max_epochs
     if max_epochs is None:  # Lightning's own default
         max_epochs = 1000 if trainer.max_steps == -1 else -1
-    plan_callback: TrainingPlanCallback = config_init.plan
-    plan = plan_callback.make(
-        batches_per_epoch=int(batches),
-        batch_size=batch_size,
-        accumulate_grad_batches=trainer.accumulate_grad_batches,
-        devices=devices,
+    plan = plan_run(
+        datamodule if datamodule is not None else model,
+        world_size=world_size,
         num_nodes=num_nodes,
-        rank_samples=[samples for _, samples in per_rank],
-        tokens_per_sample=getattr(datamodule, "tokens_per_sample", None),
+        accumulate_grad_batches=trainer.accumulate_grad_batches,
+        limit_train_batches=trainer.limit_train_batches,
         max_epochs=max_epochs,
         max_steps=trainer.max_steps,
+        options=config_init.plan,
+        schedule=config_init.lr_schedule,
+        distributed_sampler=trainer.use_distributed_sampler,
     )
-    print(plan.to_json() if config.json else format_plan(plan))
+    if config.json:
+        print(plan.to_json())
+    optimizers, schedulers = configured(plan, config_init.lr_schedule, model)
+    planned = any(is_planned_scheduler(c.scheduler) for c in schedulers)
+    if not config.json:
+        print(format_plan(plan, planned_schedule=planned))
     if config.lr_curve:
-        save_lr_curve(plan, model, config.lr_curve)
+        save_lr_curve(plan, optimizers, schedulers, config.lr_curve)
 
 
-def per_rank_layout(datamodule: Any, world_size: int) -> tuple[list[tuple[int, int]], int]:
-    """(batches, samples) of every rank at ``world_size``, and the batch size."""
-    if hasattr(datamodule, "train_batches_per_rank"):
-        return datamodule.train_batches_per_rank(world_size), int(datamodule.batch_size)
-    datamodule.setup("fit")
-    loader = datamodule.train_dataloader()
-    batch_size = getattr(loader, "batch_size", None)
+def configured(plan: TrainingPlan, schedule: LRSchedule, model: Any) -> tuple[list, list]:
+    """The module's optimizers and schedulers under a Trainer that holds the plan (as a
+    fit's does when ``configure_optimizers`` runs); nothing is launched."""
+    # Quiet: its device report would describe this machine, not the planned one.
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)
     try:
-        size = len(loader.dataset)
-    except TypeError:
-        raise UserError("the dry run needs a sized train dataset (a map-style dataset)") from None
-    if batch_size is None:
-        raise UserError("the train loader has no batch_size: the plan needs a batched loader")
-    # Lightning's DistributedSampler pads every rank to ceil(size / world_size) samples.
-    samples = math.ceil(size / world_size)
-    full, partial = divmod(samples, batch_size)
-    batches = full + int(partial > 0 and not loader.drop_last)
-    return [(batches, samples)] * world_size, int(batch_size)
-
-
-def planned_learning_rates(plan: TrainingPlan, model: Any) -> list[float]:
-    """The LR of every optimizer step, from the module's own ``configure_optimizers``
-    and scheduler, given a stand-in trainer that answers what a fit's would."""
-    from lightning.pytorch.core.optimizer import (
-        _configure_optimizers,
-        _configure_schedulers_automatic_opt,
-    )
-
-    stand_in = SimpleNamespace(
-        estimated_stepping_batches=plan.max_steps,
-        training_plan=plan,
-        max_epochs=plan.epochs,
-        max_steps=plan.max_steps,
-        num_training_batches=plan.batches_per_epoch,
-        accumulate_grad_batches=plan.accumulate_grad_batches,
-        world_size=plan.world_size,
-        num_devices=plan.devices,
-        num_nodes=plan.num_nodes,
-    )
-    model._trainer = stand_in
+        trainer = PlannedTrainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    finally:
+        rank_zero.setLevel(level)
+    trainer.training_plan = plan
+    trainer.lr_schedule = schedule
+    seam.release_step_limit(trainer, plan.epochs)
     try:
-        optimizers, schedulers, monitor = _configure_optimizers(model.configure_optimizers())
-        schedulers = _configure_schedulers_automatic_opt(schedulers, monitor)
+        return seam.configured_schedulers(model, trainer)
     except AttributeError as error:
         raise UserError(
             f"--lr_curve: configure_optimizers reads a trainer setting the dry run does not "
             f"have ({error}): draw the curve from a fit's metrics.csv instead"
         ) from None
-    finally:
-        model._trainer = None
+
+
+def planned_learning_rates(plan: TrainingPlan, optimizers: list, schedulers: list) -> list[float]:
+    """The LR of every optimizer step, stepping the module's own schedulers as a fit does."""
     learning_rates = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
@@ -121,13 +102,13 @@ def planned_learning_rates(plan: TrainingPlan, model: Any) -> list[float]:
     return learning_rates
 
 
-def save_lr_curve(plan: TrainingPlan, model: Any, path: str) -> None:
+def save_lr_curve(plan: TrainingPlan, optimizers: list, schedulers: list, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    learning_rates = planned_learning_rates(plan, model)
+    learning_rates = planned_learning_rates(plan, optimizers, schedulers)
     figure, axes = plt.subplots(figsize=(7, 3.5))
     axes.plot(range(1, plan.max_steps + 1), learning_rates)
     for epoch in range(1, plan.epochs):

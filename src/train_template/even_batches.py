@@ -17,12 +17,13 @@ not here), so each rank rebuilds its own from the batch count all ranks share.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from litdata import StreamingDataLoader, StreamingDataset
+
+from train_template import seam
 
 
 class EvenBatchesLoader:
@@ -121,11 +122,4 @@ class EvenBatchesLoader:
         """
         own = min(batches_yielded, self.own_batches)
         samples = own * int(self.batch_size or 1)
-        workers = max(1, self.loader.num_workers)
-        state = copy.deepcopy(saved)
-        state["num_samples_yielded"] = samples
-        state["latest_worker_idx"] = (own - 1) % workers if own else 0
-        state["dataset"]["num_samples_yielded"] = samples
-        state["dataset"]["sample_in_epoch"] = samples * int(state["dataset"]["world_size"])
-        state["dataset"]["current_epoch"] = state["current_epoch"]
-        return state
+        return seam.loader_state_at(saved, samples, own, self.loader.num_workers)

@@ -65,6 +65,18 @@ def check_environment(devices, num_nodes: int, environ: Mapping[str, str] = os.e
         )
 
 
+def check_strategy(strategy, accelerator, cuda_available: bool) -> None:
+    """FSDP needs NVIDIA GPUs: say so in one line instead of Lightning's traceback."""
+    name = strategy if isinstance(strategy, str) else str(getattr(strategy, "class_path", ""))
+    if "fsdp" not in name.lower() or cuda_available:
+        return
+    raise UserError(
+        f"--trainer.strategy {name} shards the model over NVIDIA GPUs and this machine has "
+        f"none (--trainer.accelerator {accelerator}): on a CPU use --config configs/ddp.yaml "
+        "--trainer.accelerator cpu --trainer.devices N, or run FSDP on a GPU node"
+    )
+
+
 def global_rank_from_env(environ: Mapping[str, str] = os.environ) -> int:
     """This process's global rank before any process group exists: torchrun's RANK,
     SLURM's SLURM_PROCID, or Lightning's own launcher (LOCAL_RANK on one node; the

@@ -1,9 +1,9 @@
 """The training plan: how many optimizer steps a run takes, derived from the real loader.
 
-Pure arithmetic on purpose: no Lightning, no litdata. The fit-time callback
-(`callbacks.TrainingPlanCallback`) and the dry-run `plan` command both feed it
-numbers they read from the real dataloader, so the plan can be tested exhaustively
-in microseconds and still matches what Lightning executes.
+Pure arithmetic on purpose: no Lightning, no litdata, so it can be tested exhaustively
+in microseconds. ``planning.plan_run`` is the one caller: at ``fit`` setup and in the
+``plan`` command it hands this module a :class:`TrainLayout` (what every rank's train
+loader yields, measured on the real data) and the trainer's numbers.
 
 How Lightning steps (2.x): each rank's train loader yields ``batches_per_epoch``
 batches; the optimizer steps after every ``accumulate_grad_batches`` batches *and*
@@ -46,20 +46,50 @@ class WarmupSetting:
         fraction stays overridable from the command line)."""
         if self.steps is not None:
             if self.steps < 0:
-                raise PlanError(f"--plan.warmup_steps={self.steps} is negative: use 0 or more")
+                raise PlanError(
+                    f"--lr_schedule.warmup_steps={self.steps} is negative: use 0 or more"
+                )
             return self.steps
         if self.epochs is not None:
             if self.epochs < 0:
-                raise PlanError(f"--plan.warmup_epochs={self.epochs} is negative: use 0 or more")
+                raise PlanError(
+                    f"--lr_schedule.warmup_epochs={self.epochs} is negative: use 0 or more"
+                )
             return math.ceil(self.epochs * steps_per_epoch)
         if self.fraction is not None:
             if not 0 <= self.fraction < 1:
                 raise PlanError(
-                    f"--plan.warmup_fraction={self.fraction} is outside [0, 1): "
+                    f"--lr_schedule.warmup_fraction={self.fraction} is outside [0, 1): "
                     "use a fraction of the run, e.g. 0.05"
                 )
             return int(round(self.fraction * max_steps))
         return 0
+
+
+@dataclass(frozen=True)
+class TrainLayout:
+    """What every rank's own train loader yields per epoch: the one layout protocol.
+
+    A data module that knows it without building a loader (``StreamingDataModule``)
+    returns it from ``train_layout(world_size)``; any other data source is measured
+    (``planning.measured_layout``). ``order`` holds the data settings that fix which
+    samples come in which order (seed, shuffle, ...): a resume must keep them.
+    """
+
+    batch_size: int
+    rank_batches: tuple[int, ...]  # per rank, before limit_train_batches; short ranks padded
+    rank_samples: tuple[int, ...]  # per rank, the rank's own samples (padding not counted)
+    tokens_per_sample: int | None = None
+    order: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def world_size(self) -> int:
+        return len(self.rank_batches)
+
+    @property
+    def batches_per_rank(self) -> int:
+        """Every rank runs the longest rank's count: short ranks are padded to it."""
+        return max(self.rank_batches)
 
 
 @dataclass(frozen=True)
@@ -85,6 +115,8 @@ class TrainingPlan:
     tokens_per_sample: int | None = None
     global_tokens_per_step: int | None = None
     max_tokens: int | None = None
+    # The data settings that fix the sample order (TrainLayout.order), kept for resume.
+    data_order: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """All fields; the token fields only for token datasets."""
@@ -97,16 +129,14 @@ class TrainingPlan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    @property
-    def last_epoch_steps(self) -> int:
-        """Optimizer steps in the final epoch (shorter than steps_per_epoch for step budgets)."""
-        return self.max_steps - (self.epochs - 1) * self.steps_per_epoch
 
-
-# Inputs whose change makes a saved run's remaining schedule different. The dataset
-# size enters through batches_per_epoch and samples_per_epoch.
-RESUME_SENSITIVE_KEYS = (
+# What a resume must keep equal, the one list, checked in one place (resume_changes):
+# the world size, the data settings that fix the sample order (data_order, shown as
+# --data.* options), then every number of the remaining schedule. The dataset size
+# enters through batches_per_epoch and samples_per_epoch.
+RESUME_KEYS = (
     "world_size",
+    "data_order",
     "batch_size",
     "accumulate_grad_batches",
     "batches_per_epoch",
@@ -124,6 +154,7 @@ def make_plan(
     devices: int = 1,
     num_nodes: int = 1,
     rank_samples: Sequence[int] | None = None,
+    data_order: dict | None = None,
     max_epochs: int | None = None,
     max_steps: int = -1,
     max_samples: int | None = None,
@@ -212,7 +243,7 @@ def make_plan(
     if warmup_steps >= total_steps and warmup_steps > 0:
         raise PlanError(
             f"warmup ({warmup_steps} steps) is not shorter than training ({total_steps} steps): "
-            "lower the --plan.warmup_* setting or train longer"
+            "lower the --lr_schedule.warmup_* setting or train longer"
         )
     return TrainingPlan(
         world_size=world_size,
@@ -233,6 +264,7 @@ def make_plan(
             None if tokens_per_sample is None else global_batch_size * tokens_per_sample
         ),
         max_tokens=max_tokens if tokens_per_sample is not None else None,
+        data_order=dict(data_order or {}),
     )
 
 
@@ -263,18 +295,31 @@ def accumulation_window_size(batch_idx: int, batches_per_epoch: int, accumulate:
     return min(accumulate, batches_per_epoch - window_start)
 
 
-def changed_inputs(saved: dict, current: TrainingPlan) -> list[str]:
-    """Human-readable differences between a checkpoint's plan and the plan of this launch."""
+def resume_changes(saved: dict, current: TrainingPlan) -> list[str]:
+    """What differs between a checkpoint's plan and this launch's, in ``RESUME_KEYS``
+    order; data settings and the batch size are named as their ``--data.*`` options."""
     now = current.to_dict()
-    return [
-        f"{key} {saved[key]} -> {now[key]}"
-        for key in RESUME_SENSITIVE_KEYS
-        if key in saved and saved[key] != now[key]
-    ]
+    changes = []
+    for key in RESUME_KEYS:
+        if key not in saved or saved[key] == now[key]:
+            continue
+        if key == "data_order":
+            changes += [
+                f"--data.{name} {saved[key].get(name)} -> {value}"
+                for name, value in now[key].items()
+                if name in saved[key] and saved[key][name] != value
+            ]
+        elif key == "batch_size":
+            changes.append(f"--data.batch_size {saved[key]} -> {now[key]}")
+        else:
+            changes.append(f"{key} {saved[key]} -> {now[key]}")
+    return changes
 
 
-def format_plan(plan: TrainingPlan) -> str:
-    """The table printed on rank 0 when fit starts and by the dry run."""
+def format_plan(plan: TrainingPlan, planned_schedule: bool = True) -> str:
+    """The table printed on rank 0 when fit starts and by the dry run. Warmup is shown
+    only when the module's scheduler is the template's planned one (``planned_schedule``);
+    any other scheduler decides its own warmup."""
     rows = [
         ("world size", f"{plan.world_size} ({plan.num_nodes} node(s) x {plan.devices} device(s))"),
         ("batch size per device", plan.batch_size),
@@ -285,7 +330,10 @@ def format_plan(plan: TrainingPlan) -> str:
         ("optimizer steps per epoch", plan.steps_per_epoch),
         ("epochs", plan.epochs),
         ("max steps", f"{plan.max_steps} (length from {plan.length_from})"),
-        ("warmup steps", plan.warmup_steps),
+        (
+            "warmup steps",
+            plan.warmup_steps if planned_schedule else "set by the module's scheduler",
+        ),
     ]
     if plan.tokens_per_sample is not None:
         rows += [

@@ -1,20 +1,20 @@
 """Preemption: SIGUSR1 (SLURM's warning) or SIGTERM saves at an optimizer-step boundary,
 requeues the SLURM job on SIGUSR1, and leaves.
 
-Lightning's own SLURM handler saves from inside the signal handler, which can land
-in the middle of an optimizer step or an accumulation window (the gradients
-accumulated so far are not in a checkpoint, so a resume would not be exact). Here the
-handler only records the signal. The save happens in ``on_train_batch_end`` of a
-batch that closed an accumulation window (its optimizer step is done, no gradient is
-pending), so the resumed run is bitwise identical to an uninterrupted one.
+Lightning's own SLURM handler saves from inside the signal handler, which can land in the
+middle of an optimizer step or an accumulation window (the gradients accumulated so far
+are not in a checkpoint, so a resume would not be exact). Here the handler only records
+the signal. The save happens at the end of a batch that closed an accumulation window
+(its optimizer step is done, no gradient is pending), so the resumed run is bitwise
+identical to an uninterrupted one.
 
-Ranks may get the signal at different moments and must all save at the same step.
-A single process decides at every window boundary for free. Several processes agree
-through one all-reduce (``strategy.reduce`` of a one-element tensor on the root
-device, as NCCL requires), but only every ``check_every_n_steps``
-optimizer steps, so the template adds no collective and no host sync to the other
-steps. With SLURM's ``--signal=USR1@90`` that leaves 90 s for at most
-``check_every_n_steps`` steps plus the save: lower it for slow steps.
+Ranks may get the signal at different moments and must all save at the same step. A
+single process decides at every window boundary for free. Several processes agree
+through one all-reduce (``strategy.reduce`` of a one-element tensor on the root device,
+as NCCL requires), but only every ``check_every_n_steps`` optimizer steps, so the
+template adds no collective and no host sync to the other steps. With SLURM's
+``--signal=USR1@90`` that leaves 90 s for at most ``check_every_n_steps`` steps plus the
+save: lower it for slow steps.
 """
 
 from __future__ import annotations
@@ -22,13 +22,24 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+
+from train_template.errors import UserError
+
+
+@dataclass
+class PreemptionOptions:
+    """How a SIGUSR1/SIGTERM is handled (``--preemption.*``)."""
+
+    check_every_n_steps: int = 5
+    """With several processes, agree on a received signal every this many optimizer steps
+    (one small all-reduce each time). A single process checks after every optimizer step."""
 
 
 def closes_accumulation_window(trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -37,36 +48,25 @@ def closes_accumulation_window(trainer: pl.Trainer, batch_idx: int) -> bool:
     return (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == trainer.num_training_batches
 
 
-class SaveOnPreemption(Callback):
-    """Save ``last.ckpt`` at the next optimizer-step boundary after SIGUSR1/SIGTERM, then exit."""
+class PreemptionSave:
+    """Part of ``steps.RunMachinery``: records signals, saves ``last.ckpt`` and exits."""
 
-    def __init__(self, check_every_n_steps: int = 5) -> None:
-        """
-        Args:
-            check_every_n_steps: With several processes, agree on a received signal every
-                this many optimizer steps (one small all-reduce each time). A single
-                process checks after every optimizer step.
-        """
-        if check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps={check_every_n_steps}: must be at least 1")
-        self.check_every_n_steps = check_every_n_steps
+    def __init__(self, options: PreemptionOptions) -> None:
+        if options.check_every_n_steps < 1:
+            raise UserError(
+                f"--preemption.check_every_n_steps={options.check_every_n_steps}: must be at least 1"
+            )
+        self.check_every_n_steps = options.check_every_n_steps
         self._received: int | None = None
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def install(self) -> None:
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(signum, self._record)
 
     def _record(self, signum: int, frame: Any) -> None:
         self._received = self._received or signum
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def after_batch(self, trainer: pl.Trainer, batch_idx: int) -> None:
         if not closes_accumulation_window(trainer, batch_idx):
             return  # gradients of this window are pending: never save here
         signum = self._agreed_signal(trainer)

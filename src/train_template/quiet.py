@@ -32,6 +32,11 @@ HARMLESS_LOG_LINES = (
         "an advertisement for a cloud model registry",
     ),
     (
+        "lightning.pytorch.utilities.rank_zero",
+        "to enable LitLogger",
+        "an advertisement for a cloud experiment tracker",
+    ),
+    (
         "litdata.streaming.dataset",
         "disabled the `drop_last` option",
         "short ranks are padded (even_batches.EvenBatchesLoader), so collectives never stall",

@@ -1,22 +1,19 @@
-"""Learning-rate schedule: linear warmup, then cosine, linear or constant decay (or WSD).
+"""The learning-rate curve: linear warmup, then cosine, linear or constant decay (or WSD).
 
-The schedule is a multiplier of the optimizer's base LR indexed by the optimizer step
-(0-based), used through ``torch.optim.lr_scheduler.LambdaLR``. Any module can use it
-from ``configure_optimizers``, the same way the examples do::
+The whole curve is configured in one place, ``--lr_schedule.*`` (this ``LRSchedule``):
+warmup (in steps, epochs or a fraction of the run) and the decay after it. Its length
+is the training plan's ``max_steps``; the plan turns the warmup into ``warmup_steps``.
+Any module uses it from ``configure_optimizers``::
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=3e-3)
-        return {"optimizer": optimizer,
-                "lr_scheduler": planned_lr_scheduler(optimizer, self.trainer, LRSchedule())}
+        return planned_optimization(optimizer, self.trainer)
 
-Its length is the training plan's ``max_steps`` (``trainer.estimated_stepping_batches``)
-and its warmup the plan's ``warmup_steps`` (``--plan.warmup_*``); both exist before
-``configure_optimizers`` runs.
-
-Step ``s`` of ``total_steps`` uses multiplier ``lr_lambda(s)``: the first step uses
-``warmup_start_factor`` (or 1.0 without warmup) and the last step, ``s = total - 1``,
-uses exactly ``final_lr_factor``. Past the end the multiplier stays at the final value,
-so a scheduler can never run past its end.
+The multiplier of the base LR is indexed by the optimizer step (0-based), through
+``torch.optim.lr_scheduler.LambdaLR``. Step ``s`` of ``total_steps`` uses
+``lr_lambda(s)``: the first step uses ``warmup_start_factor`` (or 1.0 without warmup)
+and the last step, ``s = total - 1``, exactly ``final_lr_factor``. Past the end the
+multiplier stays at the final value, so a scheduler can never run past its end.
 """
 
 from __future__ import annotations
@@ -25,11 +22,19 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from train_template.plan import WarmupSetting
+
 
 @dataclass
 class LRSchedule:
-    """Shape of the learning-rate curve; its length comes from the training plan."""
+    """The learning-rate curve of the run; its length comes from the training plan."""
 
+    warmup_steps: int | None = None
+    """Linear warmup, in optimizer steps (wins over epochs and fraction)."""
+    warmup_epochs: float | None = None
+    """Linear warmup, in epochs (rounded up to whole steps; wins over fraction)."""
+    warmup_fraction: float | None = None
+    """Linear warmup, as a fraction of all optimizer steps."""
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup: cosine or linear to ``final_lr_factor``, or constant."""
     final_lr_factor: float = 0.05
@@ -39,21 +44,40 @@ class LRSchedule:
     stable_fraction: float = 0.0
     """Warmup-stable-decay: fraction of the post-warmup steps held at the peak LR."""
 
+    @property
+    def warmup(self) -> WarmupSetting:
+        return WarmupSetting(self.warmup_steps, self.warmup_fraction, self.warmup_epochs)
 
-def planned_lr_scheduler(optimizer: Any, trainer: Any, schedule: LRSchedule) -> dict:
-    """The ``lr_scheduler`` entry for ``configure_optimizers``: ``schedule`` stepped every
-    optimizer step, as long as the training plan, with the plan's warmup.
+
+def planned_lr_scheduler(optimizer: Any, trainer: Any, schedule: LRSchedule | None = None) -> dict:
+    """The ``lr_scheduler`` entry for ``configure_optimizers``: the run's curve
+    (``--lr_schedule.*``, or ``schedule``) stepped every optimizer step, as long as the
+    training plan, with the plan's warmup.
 
     Without the template's trainer (a plain ``lightning.Trainer``) the length is
-    Lightning's ``estimated_stepping_batches`` and there is no warmup.
+    Lightning's ``estimated_stepping_batches`` and only a warmup in steps or a fraction applies.
     """
     from torch.optim.lr_scheduler import LambdaLR
 
     plan = getattr(trainer, "training_plan", None)
+    schedule = schedule or getattr(trainer, "lr_schedule", None) or LRSchedule()
     total_steps = int(trainer.estimated_stepping_batches)
-    warmup_steps = plan.warmup_steps if plan is not None else 0
+    if plan is not None:
+        warmup_steps = plan.warmup_steps
+    else:
+        warmup_steps = schedule.warmup.to_steps(total_steps, steps_per_epoch=total_steps)
     lr_lambda = PlannedLRLambda(schedule, warmup_steps, total_steps)
     return {"scheduler": LambdaLR(optimizer, lr_lambda), "interval": "step", "frequency": 1}
+
+
+def planned_optimization(optimizer: Any, trainer: Any) -> dict:
+    """What ``configure_optimizers`` returns for ``optimizer`` on the run's planned LR curve."""
+    return {"optimizer": optimizer, "lr_scheduler": planned_lr_scheduler(optimizer, trainer)}
+
+
+def is_planned_scheduler(scheduler: Any) -> bool:
+    """True for a scheduler made by :func:`planned_lr_scheduler` (the plan's warmup applies)."""
+    return any(isinstance(f, PlannedLRLambda) for f in getattr(scheduler, "lr_lambdas", ()))
 
 
 class PlannedLRLambda:

@@ -35,37 +35,25 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from litdata import StreamingDataLoader, StreamingDataset
-from litdata.utilities.env import _DistributedEnv
 
+from train_template import seam
 from train_template.errors import UserError
 from train_template.even_batches import EvenBatchesLoader
+from train_template.plan import TrainLayout
+from train_template.shards import SPLITS
 
-SPLITS = ("train", "val", "test")
-# Settings whose change on resume would silently change which samples come next.
-RESUME_SENSITIVE = ("batch_size", "shuffle", "drop_last", "seed", "num_workers")
-
-
-def view_as_rank(dataset: StreamingDataset, world_size: int, rank: int) -> StreamingDataset:
-    """Set the rank a dataset reads as, always as one node.
-
-    From its second epoch on, litdata (0.2.7x) reshuffles chunks only among the ranks
-    of each node when it believes there are several nodes (on GPUs: world size //
-    GPUs per node). Chunks that straddle two nodes are then read by both and each
-    node's sample count changes: measured with 2 nodes, both trained on the same 96
-    samples in epoch 2, and unequal counts would hang DDP. The one-node view keeps
-    litdata's global per-epoch shuffle, every sample once per epoch, on every epoch.
-    Only chunk-cache locality on remote data is given up.
-    """
-    dataset.distributed_env = _DistributedEnv(world_size, rank, 1)
-    return dataset
+# The settings that fix which samples come in which order (with batch_size, which the
+# plan holds anyway); a resume must keep them (plan.RESUME_KEYS).
+ORDER_SETTINGS = ("shuffle", "drop_last", "seed", "num_workers")
 
 
 class StreamingDataModule(pl.LightningDataModule):
     """Train/val/test/predict loaders over litdata shards (``<data_dir>/{train,val,test}``).
 
     Subclasses override :meth:`collate` (and :meth:`item_loader` for token data).
-    ``train_layout`` (each rank's batches and samples, known at ``setup`` without
-    building a loader) is what the training plan reads before ``configure_optimizers``.
+    :meth:`train_layout` (each rank's batches and samples at any world size, from the
+    shards' metadata, without building a loader) is what the training plan reads before
+    ``configure_optimizers``, and what the ``plan`` command reads for other world sizes.
     """
 
     # The command that builds this module's shards (``{data_dir}`` is filled in), named
@@ -108,7 +96,7 @@ class StreamingDataModule(pl.LightningDataModule):
         self.seed = seed
         self.predict_split = predict_split
         self.datasets: dict[str, StreamingDataset] = {}
-        self.train_layout: list[tuple[int, int]] = []  # (batches, samples) of every rank
+        self._layout: TrainLayout | None = None  # of the current world size, from setup
 
     def _how_to(self, action: str) -> str:
         if self.prepare_command is None:
@@ -178,8 +166,15 @@ class StreamingDataModule(pl.LightningDataModule):
             raise UserError(
                 f"--data.data_dir={self.data_dir}: the '{split}' split is empty: prepare it with more data"
             )
+        # From its second epoch on, litdata (0.2.7x) reshuffles chunks only among the ranks
+        # of each node when it believes there are several nodes (on GPUs: world size //
+        # GPUs per node). Chunks that straddle two nodes are then read by both and each
+        # node's sample count changes: measured with 2 nodes, both trained on the same 96
+        # samples in epoch 2, and unequal counts would hang DDP. The one-node view keeps
+        # litdata's global per-epoch shuffle, every sample once per epoch, on every epoch.
+        # Only chunk-cache locality on remote data is given up.
         detected = dataset.distributed_env
-        return view_as_rank(dataset, detected.world_size, detected.global_rank)
+        return seam.view_as_rank(dataset, detected.world_size, detected.global_rank)
 
     def setup(self, stage: str) -> None:
         needed = {
@@ -194,16 +189,12 @@ class StreamingDataModule(pl.LightningDataModule):
         if stage != "fit":
             return
         # Every rank's batch count, computed identically on every rank, so they all
-        # make the same decision here and pad to the same length later. One process
-        # needs no other rank's view: its own dataset answers.
-        train = self.datasets["train"]
-        world_size = train.distributed_env.world_size
-        self.train_layout = self.train_batches_per_rank(
-            world_size, train if world_size == 1 else None
-        )
+        # make the same decision here and pad to the same length later.
+        world_size = self.datasets["train"].distributed_env.world_size
+        self._layout = self.train_layout(world_size)
         # Lightning would silently skip training on an empty epoch; a rank left with
         # none while others have some is padded instead.
-        if max(batches for batches, _ in self.train_layout) == 0:
+        if self._layout.batches_per_rank == 0:
             raise UserError(
                 f"the train split has {self.split_size('train')} samples: split over {world_size} "
                 f"rank(s) that is fewer than one batch of --data.batch_size={self.batch_size} per "
@@ -245,13 +236,13 @@ class StreamingDataModule(pl.LightningDataModule):
             # seed + epoch. A loader rebuilt after an end-of-epoch resume starts at 0; start
             # it at the trainer's epoch so epoch k+1 gets epoch k+1's order. Mid-epoch
             # resumes overwrite this from the checkpoint's loader state.
-            loader.current_epoch = self.trainer.fit_loop.epoch_progress.current.processed
-        batches = [count for count, _ in self.train_layout]
-        if len(set(batches)) <= 1:
+            seam.set_loader_epoch(loader, seam.epochs_started(self.trainer))
+        layout = self._layout
+        if layout is None or len(set(layout.rank_batches)) <= 1:
             return loader
         return EvenBatchesLoader(
             loader,
-            batches_per_epoch=max(batches),
+            batches_per_epoch=layout.batches_per_rank,
             padding_source=self.make_dataset("train"),
             split_size=self.split_size("train"),
         )
@@ -265,38 +256,32 @@ class StreamingDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> StreamingDataLoader:
         return self._loader(self.predict_split)
 
-    def train_batches_per_rank(
-        self, world_size: int, dataset: StreamingDataset | None = None
-    ) -> list[tuple[int, int]]:
-        """(batches, samples) each rank's own train loader yields at a given world size.
+    def train_layout(self, world_size: int) -> TrainLayout:
+        """What each rank's own train loader yields at ``world_size`` (the plan's input).
 
-        Used for padding short ranks and by the dry run for world sizes this machine does
-        not have. It asks litdata itself (its shuffler's ``get_len`` under each rank's
-        view) and turns samples into batches with ``StreamingDataLoader.__len__``'s rule,
-        so it is the same computation the real ranks make. The counts are the same every
-        epoch: litdata's single-node assignment only permutes which chunks go where (see
-        ``view_as_rank``).
+        It asks litdata itself (its shuffler's length under each rank's view) and turns
+        samples into batches with ``StreamingDataLoader.__len__``'s rule, so it is the
+        same computation the real ranks make, for world sizes this machine does not have
+        too. The counts are the same every epoch: litdata's single-node assignment only
+        permutes which chunks go where.
         """
-        dataset = dataset if dataset is not None else self.make_dataset("train")
-        per_rank = []
+        if self._layout is not None and self._layout.world_size == world_size:
+            return self._layout
+        # One process needs no other rank's view: its own dataset answers. Other world
+        # sizes get a dataset of their own, so the real one keeps its rank.
+        own = self.datasets.get("train") if world_size == 1 else None
+        dataset = own if own is not None else self.make_dataset("train")
+        batches, samples = [], []
         for rank in range(world_size):
-            view_as_rank(dataset, world_size, rank)
-            samples = dataset.get_len(self.num_workers, self.batch_size)
-            full, partial = divmod(samples, self.batch_size)
-            per_rank.append((full + int(partial > 0 and not self.drop_last), samples))
-        return per_rank
-
-    def state_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in RESUME_SENSITIVE}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        changed = [
-            f"--data.{key} {state_dict[key]} -> {getattr(self, key)}"
-            for key in RESUME_SENSITIVE
-            if key in state_dict and state_dict[key] != getattr(self, key)
-        ]
-        if changed:
-            raise UserError(
-                f"resuming with changed data settings ({', '.join(changed)}) would repeat or "
-                "skip samples: relaunch with the checkpoint's values or start a new run"
-            )
+            seam.view_as_rank(dataset, world_size, rank)
+            count = seam.samples_of_rank(dataset, self.num_workers, self.batch_size)
+            full, partial = divmod(count, self.batch_size)
+            batches.append(full + int(partial > 0 and not self.drop_last))
+            samples.append(count)
+        return TrainLayout(
+            batch_size=self.batch_size,
+            rank_batches=tuple(batches),
+            rank_samples=tuple(samples),
+            tokens_per_sample=getattr(self, "tokens_per_sample", None),
+            order=tuple((name, getattr(self, name)) for name in ORDER_SETTINGS),
+        )

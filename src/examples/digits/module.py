@@ -2,8 +2,9 @@
 
 It wraps a plain ``nn.Module`` (``network.py``) and never reads files or the
 environment. It uses the machinery only as any module can: its LR schedule is
-``train_template.schedule.planned_lr_scheduler``, sized from
-``trainer.estimated_stepping_batches`` (the training plan) in ``configure_optimizers``.
+``train_template.schedule.planned_optimization`` (the run's ``--lr_schedule``, sized from
+``trainer.estimated_stepping_batches``, the training plan) and it logs the training loss
+on Lightning's logging steps only (``train_template.seam.is_logging_step``).
 Exact resume, the plan, the short-window gradient fix and the guards come from the
 template's callbacks, not from anything written here.
 """
@@ -21,7 +22,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from examples.digits.network import SmallCNN
-from train_template.schedule import LRSchedule, planned_lr_scheduler
+from train_template.schedule import planned_optimization
+from train_template.seam import is_logging_step
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
@@ -36,22 +38,19 @@ class ClassifierModule(pl.LightningModule):
         network: nn.Module | None = None,
         num_classes: int = 10,
         optimizer: OptimizerCallable = _adamw,
-        lr_schedule: LRSchedule | None = None,
     ) -> None:
         """
         Args:
             network: The plain ``nn.Module`` that maps images to class logits
                 (default: ``SmallCNN()`` for 8x8 digits).
             num_classes: Number of classes, for the accuracy metrics.
-            optimizer: Optimizer factory; its ``lr`` is the peak LR of the schedule.
-            lr_schedule: Warmup/decay shape; the length comes from the training plan.
+            optimizer: Optimizer factory; its ``lr`` is the peak LR of ``--lr_schedule``.
         """
         super().__init__()
         # No save_hyperparameters(): the CLI saves the full config.yaml beside the logs,
         # and LightningCLI would merge checkpoint hparams back over the user's options.
         self.network = network if network is not None else SmallCNN(num_classes)
         self.optimizer_factory = optimizer
-        self.lr_schedule = lr_schedule or LRSchedule()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -69,11 +68,9 @@ class ClassifierModule(pl.LightningModule):
         # update(), not forward(): no per-batch accuracy computed, and the metric is logged
         # once per epoch below; self.log of a Metric object costs ~0.6 ms per call.
         self.train_acc.update(logits, batch["label"])
-        # Only on the steps Lightning writes (every log_every_n_steps; it would drop the
-        # others): each self.log call costs ~0.3 ms, a quarter of a tiny model's step.
-        # The same check Lightning's own LearningRateMonitor makes.
-        trainer = self.trainer
-        if trainer._logger_connector.should_update_logs or trainer.fast_dev_run:
+        # Only on the steps Lightning writes (every log_every_n_steps; it drops the others):
+        # each self.log call is a measurable share of a tiny model's step.
+        if is_logging_step(self.trainer):
             self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -99,8 +96,5 @@ class ClassifierModule(pl.LightningModule):
         return {"index": batch["index"], "prediction": logits.argmax(dim=-1)}
 
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer_factory(self.parameters())
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": planned_lr_scheduler(optimizer, self.trainer, self.lr_schedule),
-        }
+        # The run's LR curve (--lr_schedule.*), as long as the training plan.
+        return planned_optimization(self.optimizer_factory(self.parameters()), self.trainer)

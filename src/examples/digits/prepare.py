@@ -14,13 +14,9 @@ makes the preparation idempotent: unchanged inputs skip the work, ``force`` rebu
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import os
-import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -28,9 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from train_template.quiet import without_banners
+from train_template.shards import exclusive, is_up_to_date, staged_splits, write_in_process
 
-SPLITS = ("train", "val", "test")
-METADATA_FILE = "dataset.json"
 FORMAT_VERSION = 1
 
 
@@ -107,45 +102,6 @@ def _write_samples(index_range: tuple[int, int], images_path: str, labels: np.nd
         }
 
 
-def _write_in_process(samples, out_dir: Path, chunk_bytes: str) -> None:
-    """The same shard format as ``litdata.optimize``, written by litdata's own writer
-    in this process: no worker start-up, for small data and test fixtures."""
-    from litdata.streaming.writer import BinaryWriter
-
-    writer = BinaryWriter(str(out_dir), chunk_bytes=chunk_bytes)
-    for position, sample in enumerate(samples):
-        writer.add_item(position, sample)
-    writer.done()
-    writer.merge()
-
-
-def is_up_to_date(out_dir: Path, expected_fingerprint: str) -> bool:
-    meta_path = out_dir / METADATA_FILE
-    if not meta_path.is_file():
-        return False
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        return False
-    return meta.get("fingerprint") == expected_fingerprint and all(
-        (out_dir / split / "index.json").is_file() for split in SPLITS
-    )
-
-
-@contextmanager
-def exclusive(out_dir: Path):
-    """One preparation of ``out_dir`` at a time: several nodes (or several runs) that
-    start together on a shared filesystem wait here instead of writing over each
-    other; the ones that follow find the shards up to date."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def prepare(
     source: str,
     out_dir: str | os.PathLike,
@@ -167,50 +123,11 @@ def _prepare(source, out_dir: Path, settings, force, num_workers, chunk_bytes, l
     start = time.perf_counter()
     images, labels = load_source(source)
     expected = fingerprint(images, labels, settings)
-    if not force and is_up_to_date(out_dir, expected):
-        meta = json.loads((out_dir / METADATA_FILE).read_text())
+    if not force and (meta := is_up_to_date(out_dir, expected)):
         log(f"{out_dir}: shards are up to date ({meta['counts']}); use --force to rebuild")
         return meta
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    counts = {}
-    for split, indices in split_indices(len(images), settings).items():
-        # A contiguous copy on disk lets every worker memory-map its ranges cheaply.
-        images_path = staging / f"{split}-images.npy"
-        np.save(images_path, images[indices])
-        index_and_label = np.stack([indices, labels[indices]], axis=1)
-        step = max(1, len(indices) // max(1, 4 * num_workers))
-        ranges = [(lo, min(lo + step, len(indices))) for lo in range(0, len(indices), step)]
-        log(f"[{split}] writing {len(indices)} samples to {out_dir / split}")
-        if num_workers == 0:
-            _write_in_process(
-                _write_samples((0, len(indices)), str(images_path), index_and_label),
-                staging / split,
-                chunk_bytes,
-            )
-            images_path.unlink()
-            counts[split] = int(len(indices))
-            continue
-        with without_banners():
-            litdata.optimize(
-                fn=partial(_write_samples, images_path=str(images_path), labels=index_and_label),
-                inputs=ranges,
-                output_dir=str(staging / split),
-                chunk_bytes=chunk_bytes,
-                num_workers=num_workers,
-                keep_data_ordered=True,
-                verbose=True,
-            )
-        images_path.unlink()
-        counts[split] = int(len(indices))
-    # Swap the new shards in only once all of them are complete.
-    for split in SPLITS:
-        shutil.rmtree(out_dir / split, ignore_errors=True)
-        os.replace(staging / split, out_dir / split)
-    shutil.rmtree(staging, ignore_errors=True)
+    parts = split_indices(len(images), settings)
+    counts = {split: int(len(indices)) for split, indices in parts.items()}
     meta = {
         "source": source,
         "fingerprint": expected,
@@ -220,6 +137,31 @@ def _prepare(source, out_dir: Path, settings, force, num_workers, chunk_bytes, l
         "split": asdict(settings),
         "format_version": FORMAT_VERSION,
     }
-    (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+    with staged_splits(out_dir, meta) as staging:
+        for split, indices in parts.items():
+            # A contiguous copy on disk lets every worker memory-map its ranges cheaply.
+            images_path = staging / f"{split}-images.npy"
+            np.save(images_path, images[indices])
+            index_and_label = np.stack([indices, labels[indices]], axis=1)
+            log(f"[{split}] writing {len(indices)} samples to {out_dir / split}")
+            if num_workers == 0:
+                samples = _write_samples((0, len(indices)), str(images_path), index_and_label)
+                write_in_process(samples, staging / split, chunk_bytes=chunk_bytes)
+            else:
+                step = max(1, len(indices) // max(1, 4 * num_workers))
+                ranges = [(lo, min(lo + step, len(indices))) for lo in range(0, len(indices), step)]
+                with without_banners():
+                    litdata.optimize(
+                        fn=partial(
+                            _write_samples, images_path=str(images_path), labels=index_and_label
+                        ),
+                        inputs=ranges,
+                        output_dir=str(staging / split),
+                        chunk_bytes=chunk_bytes,
+                        num_workers=num_workers,
+                        keep_data_ordered=True,
+                        verbose=True,
+                    )
+            images_path.unlink()
     log(f"{out_dir}: wrote {counts} in {time.perf_counter() - start:.1f}s")
     return meta

@@ -3,7 +3,8 @@
 ``val/loss`` is the mean cross-entropy in nats per token over the held-out files
 (every token weighted equally, whatever the batch). ``predict`` samples a
 continuation of each prompt and returns its text (``predictions.txt``). Like the
-digits module, it uses the machinery only through ``planned_lr_scheduler``.
+digits module, it uses the machinery only through ``planned_optimization`` and
+``is_logging_step``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torchmetrics import MeanMetric
 
 from examples.lm.network import TinyTransformer
 from examples.lm.prepare import decode, encode
-from train_template.schedule import LRSchedule, planned_lr_scheduler
+from train_template.schedule import planned_optimization
+from train_template.seam import is_logging_step
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
@@ -33,7 +35,6 @@ class LanguageModule(pl.LightningModule):
         self,
         network: nn.Module | None = None,
         optimizer: OptimizerCallable = _adamw,
-        lr_schedule: LRSchedule | None = None,
         new_tokens: int = 200,
         temperature: float = 0.8,
         seed: int = 0,
@@ -41,8 +42,7 @@ class LanguageModule(pl.LightningModule):
         """
         Args:
             network: Token ids -> next-token logits (default: ``TinyTransformer()``).
-            optimizer: Optimizer factory; its ``lr`` is the peak LR of the schedule.
-            lr_schedule: Warmup/decay shape; the length comes from the training plan.
+            optimizer: Optimizer factory; its ``lr`` is the peak LR of ``--lr_schedule``.
             new_tokens: Tokens ``predict`` generates per prompt.
             temperature: Sampling temperature of ``predict``.
             seed: Seed of ``predict``'s sampling.
@@ -50,7 +50,6 @@ class LanguageModule(pl.LightningModule):
         super().__init__()
         self.network = network if network is not None else TinyTransformer()
         self.optimizer_factory = optimizer
-        self.lr_schedule = lr_schedule or LRSchedule()
         self.new_tokens = new_tokens
         self.temperature = temperature
         self.seed = seed
@@ -69,7 +68,7 @@ class LanguageModule(pl.LightningModule):
         loss = self._loss(batch)
         self.flops_per_batch = self.flops_per_token * batch[:, :-1].numel()
         # Only on the steps Lightning writes (every log_every_n_steps), as in the digits module.
-        if self.trainer._logger_connector.should_update_logs or self.trainer.fast_dev_run:
+        if is_logging_step(self.trainer):
             self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -88,8 +87,5 @@ class LanguageModule(pl.LightningModule):
         return {"text": [prompt + decode(out[0, tokens.shape[1] :].tolist())]}
 
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer_factory(self.parameters())
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": planned_lr_scheduler(optimizer, self.trainer, self.lr_schedule),
-        }
+        # The run's LR curve (--lr_schedule.*), as long as the training plan.
+        return planned_optimization(self.optimizer_factory(self.parameters()), self.trainer)

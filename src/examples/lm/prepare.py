@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sysconfig
 import time
 from pathlib import Path
@@ -37,11 +36,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from examples.digits.prepare import exclusive
 from train_template.quiet import without_banners
+from train_template.shards import (
+    SPLITS,
+    exclusive,
+    is_up_to_date,
+    staged_splits,
+    write_in_process,
+)
 
-SPLITS = ("train", "val", "test")
-METADATA_FILE = "dataset.json"
 FORMAT_VERSION = 2  # 2: pieces in shuffled order (1: whole files in path order)
 SEPARATOR = 0
 TEST_DIRS = {"test", "tests", "idle_test"}
@@ -154,57 +157,18 @@ def _prepare(
     for name, path in zip(relative, files, strict=True):
         digest.update(f"{name}:{path.stat().st_size}\n".encode())
     fingerprint = digest.hexdigest()
-    meta_path = out_dir / METADATA_FILE
-    if not force and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == fingerprint and all(
-            (out_dir / split / "index.json").is_file() for split in SPLITS
-        ):
-            log(
-                f"{out_dir}: token shards are up to date ({meta['tokens']} tokens); --force rebuilds"
-            )
-            return meta
+    if not force and (meta := is_up_to_date(out_dir, fingerprint)):
+        log(f"{out_dir}: token shards are up to date ({meta['tokens']} tokens); --force rebuilds")
+        return meta
 
     by_split = {split: [] for split in SPLITS}
     for name, path in zip(relative, files, strict=True):
         by_split[split_of(name, val_percent, test_percent)].append(str(path))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    tokens = {}
-    for split, paths in by_split.items():
-        pieces = packing_order(paths, piece_tokens)
-        tokens[split] = sum(end - start + 1 for _, start, end in pieces)
-        log(
-            f"[{split}] {len(paths)} files, {len(pieces)} pieces, {tokens[split]:,} tokens"
-            f" -> {out_dir / split}"
-        )
-        if num_workers == 0:  # in this process: small data and test fixtures
-            from litdata.streaming.writer import BinaryWriter
-
-            writer = BinaryWriter(
-                str(staging / split), chunk_size=chunk_tokens, item_loader=TokensLoader()
-            )
-            for position, piece in enumerate(pieces):
-                writer.add_item(position, item_tokens(piece))
-            writer.done()
-            writer.merge()
-            continue
-        with without_banners():
-            litdata.optimize(
-                fn=_items,
-                inputs=pieces,
-                output_dir=str(staging / split),
-                chunk_size=chunk_tokens,
-                item_loader=TokensLoader(),
-                num_workers=num_workers,
-                keep_data_ordered=True,
-            )
-    for split in SPLITS:
-        shutil.rmtree(out_dir / split, ignore_errors=True)
-        os.replace(staging / split, out_dir / split)
-    shutil.rmtree(staging, ignore_errors=True)
+    pieces = {split: packing_order(paths, piece_tokens) for split, paths in by_split.items()}
+    tokens = {
+        split: sum(end - begin + 1 for _, begin, end in split_pieces)
+        for split, split_pieces in pieces.items()
+    }
     meta = {
         "source": str(root),
         "fingerprint": fingerprint,
@@ -219,6 +183,27 @@ def _prepare(
         "piece_tokens": piece_tokens,
         "format_version": FORMAT_VERSION,
     }
-    meta_path.write_text(json.dumps(meta, indent=1))
+    with staged_splits(out_dir, meta) as staging:
+        for split, split_pieces in pieces.items():
+            log(
+                f"[{split}] {len(by_split[split])} files, {len(split_pieces)} pieces, "
+                f"{tokens[split]:,} tokens -> {out_dir / split}"
+            )
+            if num_workers == 0:  # in this process: small data and test fixtures
+                items = (item_tokens(piece) for piece in split_pieces)
+                write_in_process(
+                    items, staging / split, chunk_size=chunk_tokens, item_loader=TokensLoader()
+                )
+                continue
+            with without_banners():
+                litdata.optimize(
+                    fn=_items,
+                    inputs=split_pieces,
+                    output_dir=str(staging / split),
+                    chunk_size=chunk_tokens,
+                    item_loader=TokensLoader(),
+                    num_workers=num_workers,
+                    keep_data_ordered=True,
+                )
     log(f"{out_dir}: wrote {tokens} tokens in {time.perf_counter() - start:.1f}s")
     return meta

@@ -1,0 +1,68 @@
+"""The non-finite guard: stop on a NaN or infinite loss, and never let a checkpoint written
+after one (or holding non-finite weights) replace the last good checkpoint.
+
+No host sync per step: every step only folds ``isfinite(loss)`` into a flag kept on the
+loss's device. The flag is read (one sync; with several processes one all-reduce through
+the strategy, so all ranks stop together) on Lightning's logging steps, where it syncs for
+logging anyway, at every epoch end and before every checkpoint save. A save is refused
+from inside ``on_save_checkpoint``, so ``last.ckpt`` stays the last good one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from train_template.errors import UserError
+
+_ADVICE = (
+    "lower the learning rate (--model.optimizer.init_args.lr) or set "
+    "--trainer.gradient_clip_val; the last good checkpoint is kept"
+)
+
+
+class FiniteGuard:
+    """Part of ``steps.RunMachinery``: folds each step's loss, checks at sync points."""
+
+    def __init__(self) -> None:
+        self._finite: torch.Tensor | None = None  # on the device: all losses finite so far
+
+    def fold(self, outputs: Any) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite = finite if self._finite is None else self._finite & finite
+
+    def check_loss(self, trainer: pl.Trainer, where: str) -> None:
+        bad = self._finite is not None and not bool(self._finite)
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise UserError(
+                f"the training loss became non-finite by {where} (global step "
+                f"{trainer.global_step}): {_ADVICE}"
+            )
+
+    def check_before_save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every rank builds the checkpoint (rank 0 writes it): a collective is safe here.
+        self.check_loss(trainer, "this checkpoint")
+        # A finite loss can still be followed by an update that makes weights inf/NaN.
+        # One sync for all parameters; decided together (FSDP shards differ per rank).
+        params = list(pl_module.parameters())
+        bad = bool(params) and not bool(
+            torch.stack([torch.isfinite(p).all() for p in params]).all()
+        )
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            name = next(
+                (n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()),
+                "on another rank",
+            )
+            raise UserError(
+                f"the weights became non-finite ({name}) at global step {trainer.global_step}: "
+                f"{_ADVICE}"
+            )

@@ -1,0 +1,256 @@
+"""The one seam with Lightning's, litdata's and jsonargparse's internals.
+
+Every private name the template touches is used here and nowhere else, so an upgrade
+means reading this one file (and running the suite). Each entry says why no public
+API serves. Checked against the pinned versions: lightning 2.6.6, litdata 0.2.76,
+jsonargparse 4.x (``uv.lock``).
+
+The rest of the machinery, and the examples, call the public functions below.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# -- Lightning: the training loop's length ------------------------------------------
+
+
+def limited_batches(length: int | float, limit: int | float | None) -> int | float:
+    """Batches per epoch after ``limit_train_batches``, by Lightning's own rule.
+
+    ``_parse_num_batches`` (lightning 2.6.6, trainer/connectors/data_connector.py) is the
+    function the fit loop applies; its rounding and its errors for fractions that leave
+    no batch are what a plan must match, and it has no public equivalent.
+    """
+    from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
+    from lightning.pytorch.trainer.states import RunningStage
+
+    return _parse_num_batches(RunningStage.TRAINING, length, 1.0 if limit is None else limit)
+
+
+def release_step_limit(trainer: pl.Trainer, max_epochs: int) -> None:
+    """At setup: the plan's epochs as Lightning's epoch limit, and no step limit yet.
+
+    While ``epoch_loop.max_steps != -1`` during the checkpoint restore, Lightning
+    restores its loops as "iteration-based" and counts an end-of-epoch checkpoint's epoch
+    twice (the resumed run stops an epoch early). The Trainer reads ``max_epochs`` and
+    ``max_steps`` only in ``__init__``; the loops' attributes are the only handle after it.
+    """
+    trainer.fit_loop.max_epochs = max_epochs
+    trainer.fit_loop.epoch_loop.max_steps = -1
+
+
+def set_step_limit(trainer: pl.Trainer, max_steps: int) -> None:
+    """At train start (checkpoint restored): stop exactly at the plan's last step."""
+    trainer.fit_loop.epoch_loop.max_steps = max_steps
+
+
+def batch_index(trainer: pl.Trainer) -> int:
+    """The index of the current batch in its epoch (``epoch_loop.batch_idx``): the
+    optimizer hooks are not handed it."""
+    return trainer.fit_loop.epoch_loop.batch_idx
+
+
+def epochs_started(trainer: pl.Trainer) -> int:
+    """Epochs whose training began (``fit_loop.epoch_progress.current.processed``), the
+    count a rebuilt loader's epoch must start at; ``current_epoch`` lags it at epoch end."""
+    return trainer.fit_loop.epoch_progress.current.processed
+
+
+def is_logging_step(trainer: pl.Trainer) -> bool:
+    """True on the training batches whose ``self.log`` values Lightning writes (every
+    ``log_every_n_steps``, and the last one); it drops the values of the others.
+
+    A public function for any module: logging only here saves about 0.3 ms per
+    ``self.log`` call on the other steps. Lightning's own LearningRateMonitor makes this
+    same check through ``trainer._logger_connector.should_update_logs`` (no public name).
+    """
+    return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+
+
+def checkpoint_progress_of(checkpoint: dict) -> tuple[int, int, int]:
+    """(global step, epochs completed, batches completed) from a loaded checkpoint.
+
+    The loop progress is stored under Lightning's own loop-state keys (``loops.fit_loop``),
+    which have no reader outside the loops themselves.
+    """
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs = fit_loop.get("epoch_progress", {}).get("current", {}).get("completed", 0)
+    batches = fit_loop.get("epoch_loop.batch_progress", {}).get("total", {}).get("completed", 0)
+    return int(checkpoint["global_step"]), int(epochs), int(batches)
+
+
+# -- Lightning: RNG states ------------------------------------------------------------
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """torch, CUDA, numpy and Python RNG states: Lightning's own collector
+    (``lightning.fabric.utilities.seed._collect_rng_states``), which knows every
+    generator Lightning seeds; there is no public getter."""
+    from lightning.fabric.utilities.seed import _collect_rng_states
+
+    return _collect_rng_states(include_cuda=True)
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """The inverse of :func:`collect_rng_states` (``_set_rng_states``)."""
+    from lightning.fabric.utilities.seed import _set_rng_states
+
+    _set_rng_states(states)
+
+
+# -- Lightning: the LR curve of a module outside a fit --------------------------------
+
+
+def configured_schedulers(model: pl.LightningModule, trainer: pl.Trainer) -> tuple[list, list]:
+    """(optimizers, scheduler configs) of ``model.configure_optimizers()`` as Lightning
+    parses them (every return form it accepts, intervals and frequencies), with ``trainer``
+    attached for the call. ``_configure_optimizers`` and ``_configure_schedulers_automatic_opt``
+    (core/optimizer.py) are the parsers a fit uses; no public function exposes them."""
+    from lightning.pytorch.core.optimizer import (
+        _configure_optimizers,
+        _configure_schedulers_automatic_opt,
+    )
+
+    model.trainer = trainer
+    try:
+        optimizers, schedulers, monitor = _configure_optimizers(model.configure_optimizers())
+        return optimizers, _configure_schedulers_automatic_opt(schedulers, monitor)
+    finally:
+        model.trainer = None
+
+
+# -- Lightning: ModelCheckpoint ---------------------------------------------------------
+
+
+class ModelCheckpointSeam(ModelCheckpoint):
+    """ModelCheckpoint with public names for the private parts ``RunCheckpoint`` needs.
+
+    ModelCheckpoint offers no hook to refresh ``last.ckpt`` on its own or to decline a
+    top-k save; its own methods for both are private (callbacks/model_checkpoint.py).
+    """
+
+    @property
+    def every_n_train_steps(self) -> int:
+        return self._every_n_train_steps
+
+    def save_last_now(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` unless this step was saved already (then it is current)."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def keeps_top_k(self, monitor_candidates: dict) -> bool:
+        """Override: False skips the top-k save of this moment (``last.ckpt`` is unaffected)."""
+        return True
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        if self.keeps_top_k(monitor_candidates):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+
+# -- LightningCLI / jsonargparse: a subcommand that is not a Trainer method -----------
+
+
+class CLISeam(LightningCLI):
+    """LightningCLI with public hooks for a subcommand of its own and for ``ckpt_path``.
+
+    LightningCLI builds its subcommands from Trainer methods only (``_add_subcommands``,
+    ``_run_subcommand``, and ``_setup_parser_kwargs`` for their parser options); ``plan`` must run without a Trainer (it plans for world sizes
+    this machine does not have). Its ``_parse_ckpt_path`` torch-loads the checkpoint while
+    parsing (a traceback for a damaged file) and merges saved hyperparameters over the
+    options given now; the template validates the file itself and lets this launch win.
+    """
+
+    def extra_subcommands(self) -> dict[str, str]:
+        """Name -> help of subcommands that are not Trainer methods."""
+        return {}
+
+    def add_extra_subcommand_arguments(self, name: str, parser: LightningArgumentParser) -> None:
+        """Add the options only ``name`` has (the shared ones are already there)."""
+
+    def run_extra_subcommand(self, name: str) -> None:
+        raise NotImplementedError(name)
+
+    def _setup_parser_kwargs(self, parser_kwargs: dict[str, Any]) -> tuple[dict, dict]:
+        extra = {k: v for k, v in parser_kwargs.items() if k in self.extra_subcommands()}
+        rest = {k: v for k, v in parser_kwargs.items() if k not in extra}
+        main_kwargs, subcommand_kwargs = super()._setup_parser_kwargs(rest)
+        return main_kwargs, {**subcommand_kwargs, **extra}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        for name, help_text in self.extra_subcommands().items():
+            sub_parser = self.init_parser(description=help_text, **kwargs.get(name, {}))
+            self._add_arguments(sub_parser)
+            self.add_extra_subcommand_arguments(name, sub_parser)
+            self._subcommand_method_arguments[name] = []
+            self._subcommand_parsers[name] = sub_parser
+            parser._subcommands_action.add_subcommand(name, sub_parser, help=help_text)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in self.extra_subcommands():
+            self.run_extra_subcommand(subcommand)
+        else:
+            super()._run_subcommand(subcommand)
+
+    def _parse_ckpt_path(self) -> None:
+        return None
+
+
+# -- litdata ---------------------------------------------------------------------------
+
+
+def view_as_rank(dataset: Any, world_size: int, rank: int) -> Any:
+    """Set the rank a ``StreamingDataset`` reads as, always as one node.
+
+    litdata has no public way to say which rank a dataset is read as; its
+    ``distributed_env`` attribute holds a ``litdata.utilities.env._DistributedEnv``.
+    Why one node: ``streaming.StreamingDataModule.make_dataset``.
+    """
+    from litdata.utilities.env import _DistributedEnv
+
+    dataset.distributed_env = _DistributedEnv(world_size, rank, 1)
+    return dataset
+
+
+def samples_of_rank(dataset: Any, num_workers: int, batch_size: int) -> int:
+    """Samples the dataset's current rank yields per epoch, by litdata's own rule
+    (``StreamingDataset.get_len``: its shuffler's split over ranks and workers)."""
+    return dataset.get_len(num_workers, batch_size)
+
+
+def clear_stale_restore(loader: Any) -> None:
+    """After ``load_state_dict`` litdata keeps ``restore=True`` until its iterator runs to
+    exhaustion, which Lightning (stopping at the loader's length) never does: the next
+    epoch would replay the restored position. The flag has no public setter."""
+    if getattr(loader, "restore", False):
+        loader.restore = False
+
+
+def set_loader_epoch(loader: Any, epoch: int) -> None:
+    """``StreamingDataLoader.current_epoch``: litdata shuffles with seed + epoch and counts
+    epochs itself from 0; a loader rebuilt after an end-of-epoch resume must start at the
+    trainer's epoch (litData #775). No public setter."""
+    loader.current_epoch = epoch
+
+
+def loader_state_at(saved: dict, samples: int, batches: int, num_workers: int) -> dict:
+    """Another rank's ``StreamingDataLoader.state_dict()`` rewritten to a position of
+    ``batches`` batches (``samples`` samples) into this rank's epoch.
+
+    Lightning writes rank 0's loader state only, and litdata's counters are per rank. The
+    keys are litdata's state format (0.2.76): samples yielded, the worker that yields
+    next (one batch per worker in turn), the dataset's sample position over all ranks.
+    """
+    state = copy.deepcopy(saved)
+    state["num_samples_yielded"] = samples
+    state["latest_worker_idx"] = (batches - 1) % max(1, num_workers) if batches else 0
+    state["dataset"]["num_samples_yielded"] = samples
+    state["dataset"]["sample_in_epoch"] = samples * int(state["dataset"]["world_size"])
+    state["dataset"]["current_epoch"] = state["current_epoch"]
+    return state

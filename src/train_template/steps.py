@@ -1,0 +1,240 @@
+"""What the template does during a fit, in the order it happens: one callback, one page.
+
+:func:`template_callbacks` builds the template's callbacks, the one list the CLI, the
+benchmarks and the tests use: ``RunMachinery`` (everything below), then the
+checkpoint callback (Lightning runs ModelCheckpoint after every other callback), and for
+``predict`` the prediction writer. ``RunMachinery`` needs nothing from the module: it
+reads what Lightning hands every callback.
+
+At **setup** (``fit``, before the checkpoint is restored and before ``configure_optimizers``)
+  1. the training plan is made from the real data (``planning.plan_run``) and put on the
+     trainer (``trainer.training_plan``, and ``trainer.lr_schedule`` for
+     ``planned_lr_scheduler``): ``estimated_stepping_batches`` is its ``max_steps``;
+  2. Lightning's epoch limit becomes the plan's epochs; its step limit waits (seam).
+
+At a **resume** (the checkpoint restored, ``load_state_dict``)
+  3. the checkpoint's plan is compared with this launch's (``plan.RESUME_KEYS``: world
+     size, data settings, batch, accumulation, data size, length, warmup): a change stops
+     the run in one line;
+  4. every rank's saved RNG states are kept to put back at the first batch.
+
+At **train start** (the loader built and restored)
+  5. every rank's real batch count is gathered and checked against the plan;
+  6. the step limit is set to the plan's ``max_steps``; the plan is printed (rank 0) and
+     written to ``<log_dir>/plan.json``;
+  7. SIGUSR1/SIGTERM handlers are installed (they only record the signal).
+
+At each **epoch start**
+  8. litdata's stale restore flag is cleared, so the epoch after a mid-epoch resume is a
+     fresh, reshuffled epoch.
+
+At each **batch start**
+  9. the first batch after a resume puts back this rank's RNG states (dropout).
+
+At each **optimizer step** (after backward, the DDP all-reduce and AMP unscaling)
+  10. an epoch's last, short accumulation window gets the mean gradient of the batches it
+      holds (``planning.scale_short_window``);
+  11. the LR of the step goes to the loggers (``lr-<Optimizer>`` in ``metrics.csv``).
+
+At each **batch end**
+  12. ``isfinite(loss)`` is folded into a flag on the device; on logging steps it is read
+      (one sync, one all-reduce with several ranks) and a non-finite loss stops the run;
+  13. the plan's last step asks Lightning to stop, after validating the final weights;
+  14. after a batch that closed an accumulation window, a received signal (agreed by all
+      ranks every ``--preemption.check_every_n_steps`` steps) saves ``last.ckpt`` and exits;
+  15. then the checkpoint callback saves on its own triggers (``--checkpoint.*``).
+
+At each **epoch end**: the non-finite flag is read; the checkpoint callback saves.
+
+At each **save** (every rank builds the checkpoint, rank 0 writes it)
+  16. a non-finite loss or weight refuses the save, so ``last.ckpt`` stays the last good;
+  17. the plan and every rank's RNG states go into the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from train_template import seam
+from train_template.checkpointing import gathered_rng_states, restore_rng_states
+from train_template.guards import FiniteGuard
+from train_template.plan import TrainingPlan, accumulation_window_size, format_plan
+from train_template.planning import PlanOptions, check_loader, check_resume, plan_of_trainer
+from train_template.preemption import PreemptionOptions, PreemptionSave
+from train_template.schedule import LRSchedule, is_planned_scheduler
+
+PLAN_FILE = "plan.json"
+
+
+def template_callbacks(
+    plan: PlanOptions | None = None,
+    lr_schedule: LRSchedule | None = None,
+    preemption: PreemptionOptions | None = None,
+    checkpoint: Callback | None = None,
+    predict: bool = False,
+) -> list[Callback]:
+    """The template's callbacks, in order; use them with ``planning.PlannedTrainer``.
+
+    ``checkpoint``: the run's ``RunCheckpoint`` (the CLI adds its own from ``--checkpoint.*``).
+    ``predict``: add the writer of ``predictions.csv`` / ``predictions.txt``.
+    """
+    callbacks: list[Callback] = [RunMachinery(plan, lr_schedule, preemption)]
+    if predict:
+        from train_template.callbacks import PredictionWriter
+
+        callbacks.append(PredictionWriter())
+    if checkpoint is not None:
+        callbacks.append(checkpoint)
+    return callbacks
+
+
+class RunMachinery(Callback):
+    """Every per-run and per-step guarantee of the template, in the order of the module
+    docstring. One callback instead of one per concern: Lightning calls every hook of every
+    callback on every step, so fewer callbacks is less time per step."""
+
+    def __init__(
+        self,
+        plan: PlanOptions | None = None,
+        lr_schedule: LRSchedule | None = None,
+        preemption: PreemptionOptions | None = None,
+    ) -> None:
+        self.options = plan or PlanOptions()
+        self.lr_schedule = lr_schedule or LRSchedule()
+        self.finite = FiniteGuard()
+        self.preemption = PreemptionSave(preemption or PreemptionOptions())
+        self.plan: TrainingPlan | None = None
+        self._rng_to_restore: list[dict[str, Any]] | None = None
+
+    # -- setup and resume (1-4) -----------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        trainer.lr_schedule = self.lr_schedule
+        if stage != "fit":
+            return
+        self.plan = plan_of_trainer(trainer, pl_module, self.options)
+        trainer.training_plan = self.plan
+        seam.release_step_limit(trainer, self.plan.epochs)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.plan is not None:
+            check_resume(state_dict.get("plan"), self.plan)
+        self._rng_to_restore = state_dict.get("rng")
+
+    # -- train start (5-7) ----------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        plan = self.plan
+        assert plan is not None, "setup('fit') makes the plan"
+        check_loader(trainer, plan)
+        seam.set_step_limit(trainer, plan.max_steps)
+        planned = any(is_planned_scheduler(c.scheduler) for c in trainer.lr_scheduler_configs)
+        log_dir = trainer.log_dir  # a broadcast in DDP: every rank must ask
+        if trainer.is_global_zero:
+            rank_zero_info(format_plan(plan, planned_schedule=planned))
+            if log_dir is not None:
+                write_plan(plan, log_dir)
+        self.preemption.install()
+
+    # -- every epoch and step (8-15) ------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seam.clear_stale_restore(trainer.train_dataloader)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Here, not at train start: Lightning's loops draw from the global generator
+        # between on_train_start and the first batch.
+        if self._rng_to_restore:
+            restore_rng_states(self._rng_to_restore, trainer.global_rank)
+            self._rng_to_restore = None
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if self.options.scale_partial_accumulation:
+            scale_short_window(trainer, self.plan, optimizer)
+        log_step_lr(trainer, optimizer)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self.finite.fold(outputs)
+        if seam.is_logging_step(trainer):
+            self.finite.check_loss(trainer, f"epoch {trainer.current_epoch}, batch {batch_idx}")
+        # A length in steps, samples or tokens often ends mid-epoch, where Lightning would
+        # stop without validating the final weights; asking it to stop here makes it
+        # validate them first (the same step on every rank).
+        if trainer.global_step >= self.plan.max_steps:
+            trainer.should_stop = True
+        self.preemption.after_batch(trainer, batch_idx)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finite.check_loss(trainer, f"epoch {trainer.current_epoch}")
+
+    # -- save (16-17) ---------------------------------------------------------------
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.finite.check_before_save(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.plan is None:
+            return {}
+        return {"plan": self.plan.to_dict(), "rng": gathered_rng_states()}
+
+
+def write_plan(plan: TrainingPlan, log_dir: str) -> None:
+    from pathlib import Path
+
+    path = Path(log_dir) / PLAN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(plan.to_json())
+
+
+def scale_short_window(trainer: pl.Trainer, plan: TrainingPlan, optimizer: Any) -> None:
+    """Lightning divides every loss by ``accumulate_grad_batches``, also in the epoch's
+    last window when it holds fewer batches (Lightning #19987). Gradients are linear in
+    the loss, so multiplying them by accumulate / real_window here (after the DDP
+    all-reduce and AMP unscaling, before clipping) gives that step the mean gradient over
+    the batches it really has, for any module."""
+    accumulate = plan.accumulate_grad_batches
+    if accumulate == 1:
+        return
+    window = accumulation_window_size(seam.batch_index(trainer), plan.batches_per_epoch, accumulate)
+    if window == accumulate:
+        return
+    scale = accumulate / window
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                param.grad.mul_(scale)
+
+
+def log_step_lr(trainer: pl.Trainer, optimizer: Any) -> None:
+    """The LR of every optimizer step in the loggers, as ``lr-<Optimizer>``.
+
+    Lightning's LearningRateMonitor writes only on ``log_every_n_steps`` steps, so a
+    complete LR curve needed ``log_every_n_steps: 1``, which makes every logged metric a
+    row per step too. This hands one float per step straight to the loggers instead."""
+    if not trainer.loggers:
+        return
+    name = f"lr-{type(optimizer).__name__}"
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        metrics = {name: groups[0]["lr"]}
+    else:
+        metrics = {f"{name}/pg{i + 1}": group["lr"] for i, group in enumerate(groups)}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
