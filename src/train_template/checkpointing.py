@@ -34,6 +34,16 @@ class RunCheckpoint(ModelCheckpointSeam):
     """
 
     _warned_monitor = False
+    _state_key: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        # Lightning formats every callback's state_key for each hook it calls (the
+        # profiler's label), several times a step; ModelCheckpoint builds it from its
+        # settings each time. They do not change after __init__.
+        if self._state_key is None:
+            self._state_key = super().state_key
+        return self._state_key
 
     def on_train_batch_end(
         self,

@@ -1,8 +1,9 @@
 """The non-finite guard: stop on a NaN or infinite loss, and never let a checkpoint written
 after one (or holding non-finite weights) replace the last good checkpoint.
 
-No host sync per step: every step only folds ``isfinite(loss)`` into a flag kept on the
-loss's device. The flag is read (one sync; with several processes one all-reduce through
+No host sync per step: every step only adds the loss to a float32 sum kept on the loss's
+device (one kernel; a NaN or an infinity anywhere makes the sum non-finite, and it is
+reset at every reading, so it stays a sum of a few finite losses). The sum is read (one sync; with several processes one all-reduce through
 the strategy, so all ranks stop together) on Lightning's logging steps, where it syncs for
 logging anyway, at every epoch end and before every checkpoint save. A save is refused
 from inside ``on_save_checkpoint``, so ``last.ckpt`` stays the last good one.
@@ -27,17 +28,23 @@ class FiniteGuard:
     """Part of ``steps.RunMachinery``: folds each step's loss, checks at sync points."""
 
     def __init__(self) -> None:
-        self._finite: torch.Tensor | None = None  # on the device: all losses finite so far
+        self._sum: torch.Tensor | None = None  # on the device: the losses since the last read
 
     def fold(self, outputs: Any) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        finite = torch.isfinite(loss.detach()).all()
-        self._finite = finite if self._finite is None else self._finite & finite
+        loss = loss.detach()
+        if loss.dim():
+            loss = loss.sum()
+        if self._sum is None:
+            self._sum = loss.float().clone()
+        else:
+            self._sum.add_(loss)
 
     def check_loss(self, trainer: pl.Trainer, where: str) -> None:
-        bad = self._finite is not None and not bool(self._finite)
+        losses, self._sum = self._sum, None
+        bad = losses is not None and not bool(torch.isfinite(losses))
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
