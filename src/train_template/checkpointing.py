@@ -53,6 +53,8 @@ class RunCheckpoint(ModelCheckpointSeam):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if not self.saves_within_epochs:
+            return  # end-of-epoch saves only (the default): nothing to decide per batch
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         every = self.every_n_train_steps
         if every >= 1 and trainer.global_step % every == 0:

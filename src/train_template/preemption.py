@@ -67,6 +67,8 @@ class PreemptionSave:
         self._received = self._received or signum
 
     def after_batch(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        if trainer.world_size == 1 and not self._received:
+            return  # a single process decides alone: nothing received, nothing to do
         if not closes_accumulation_window(trainer, batch_idx):
             return  # gradients of this window are pending: never save here
         signum = self._agreed_signal(trainer)

@@ -139,6 +139,12 @@ class ModelCheckpointSeam(ModelCheckpoint):
     def every_n_train_steps(self) -> int:
         return self._every_n_train_steps
 
+    @property
+    def saves_within_epochs(self) -> bool:
+        """True when a step or time trigger can save mid-epoch (otherwise its per-batch
+        hook has nothing to do)."""
+        return self._every_n_train_steps >= 1 or self._train_time_interval is not None
+
     def save_last_now(self, trainer: pl.Trainer) -> None:
         """Write ``last.ckpt`` unless this step was saved already (then it is current)."""
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
