@@ -8,7 +8,7 @@ import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 
 class DocsStyleModule(L.LightningModule):
@@ -81,3 +81,33 @@ class MapStyleDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(self.val, batch_size=64)
+
+
+class DigitsStream(IterableDataset):
+    """The digits as an endless stream (or ``num_samples`` of it), with no ``__len__``:
+    how Hugging Face streaming datasets and bucket readers look to a DataLoader."""
+
+    def __init__(self, num_samples: int | None = None) -> None:
+        self.digits = DigitsDicts(0, 1600)
+        self.num_samples = num_samples
+
+    def __iter__(self):
+        produced = 0
+        while self.num_samples is None or produced < self.num_samples:
+            yield self.digits[produced % len(self.digits)]
+            produced += 1
+
+
+class StreamDataModule(L.LightningDataModule):
+    """A train stream without a length; ``num_samples`` None never ends."""
+
+    def __init__(self, batch_size: int = 16, num_samples: int | None = None) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_samples = num_samples
+
+    def train_dataloader(self):
+        return DataLoader(DigitsStream(self.num_samples), batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(DigitsDicts(1600, 1797), batch_size=64)

@@ -10,6 +10,7 @@ example module" adds the digits ClassifierModule (train accuracy, logging as the
 config does). Timed: the epochs after a warm-up epoch; the tiny size on one thread.
 
     .venv/bin/python scripts/bench/bench_step.py [--repeats 5]
+    .venv/bin/python scripts/bench/bench_step.py --hooks   # the template's own hooks, us per step
     .venv/bin/python scripts/bench/bench_step.py --accelerator gpu --precision bf16-mixed
 
 On a GPU the raw loop moves each batch to the device and runs under
@@ -18,6 +19,7 @@ On a GPU the raw loop moves each batch to the device and runs under
 
 from __future__ import annotations
 
+import re
 import statistics
 import tempfile
 import time
@@ -161,13 +163,55 @@ def raw_epoch(
     return seconds / ((epochs - 1) * len(loader)) * 1000
 
 
+def hook_costs(data_dir: Path, log_dir: str, **device) -> str:
+    """The template's callback hooks at the tiny size, timed by Lightning's SimpleProfiler
+    (per hook: microseconds per optimizer step), beside the whole training batch."""
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    network, batch_size, epochs = SIZES["tiny (MLP 64-128-10, batch 32)"]
+    torch.set_num_threads(1)
+    profiler = SimpleProfiler()
+    checkpoint = RunCheckpoint(dirpath=str(Path(log_dir) / "hooks"), save_last=True)
+    trainer = quiet_trainer(
+        template_callbacks(lr_schedule=LRSchedule(warmup_fraction=0.05), checkpoint=checkpoint),
+        log_dir,
+        logger=pl.loggers.CSVLogger(log_dir),
+        log_every_n_steps=10,
+        trainer_class=PlannedTrainer,
+        enable_checkpointing=True,
+        max_epochs=epochs,
+        profiler=profiler,
+        **device,
+    )
+    trainer.fit(BareModule(network()), DigitsDataModule(str(data_dir), batch_size=batch_size))
+    steps = trainer.global_step
+    rows = []
+    for key, durations in profiler.recorded_durations.items():
+        if key.startswith("[Callback]") and len(durations) >= steps:
+            name = re.sub(r"\{.*\}", "", key.removeprefix("[Callback]"))
+            rows.append((sum(durations) / steps * 1e6, name))
+    batch = sum(profiler.recorded_durations["run_training_batch"]) / steps * 1e6
+    lines = ["| hook | us per step |", "| --- | ---: |"]
+    lines += [f"| {name} | {us:.1f} |" for us, name in sorted(rows, reverse=True)]
+    total = sum(us for us, _ in rows)
+    lines += [
+        f"| **all template hooks** | **{total:.1f}** |",
+        f"| (whole training batch) | {batch:.0f} |",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
-    args = bench_args(__doc__, device=True)
+    args = bench_args(__doc__, device=True, flags=[("hooks", "time the template's own hooks")])
     device = {"accelerator": args.accelerator, "precision": args.precision}
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "digits"
         prepare("digits", data_dir, num_workers=0, log=lambda *_: None)
+        if args.hooks:
+            print(f"# The template's hooks, tiny size\n\n{machine()}\n")
+            print(hook_costs(data_dir, tmp, **device))
+            return
         print(f"# Per-step time: template vs raw loop\n\n{machine()}, {device}\n")
         for size, (network, batch_size, epochs) in SIZES.items():
             # The tiny size measures Python-side cost per step; two intra-op threads only add

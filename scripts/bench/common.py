@@ -16,9 +16,12 @@ from train_template.quiet import silence_known_messages  # noqa: E402
 silence_known_messages()
 
 
-def bench_args(doc: str | None, samples: int | None = None, device: bool = False):
+def bench_args(
+    doc: str | None, samples: int | None = None, device: bool = False, flags: tuple = ()
+):
     """--repeats (and --samples where the benchmark sizes its data, --accelerator and
-    --precision where it can run on a GPU)."""
+    --precision where it can run on a GPU, and the benchmark's own on/off ``flags``:
+    (name, help) pairs)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc)
@@ -28,6 +31,8 @@ def bench_args(doc: str | None, samples: int | None = None, device: bool = False
     if device:
         parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
         parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
+    for name, help_text in flags:
+        parser.add_argument(f"--{name}", action="store_true", help=help_text)
     return parser.parse_args()
 
 

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.data import extract_batch_size
 
 from train_template import seam
 
@@ -38,18 +39,19 @@ class ThroughputMonitor(Callback):
 
     def __init__(
         self,
-        batch_size_fn: Callable[[Any], int],
+        batch_size_fn: Callable[[Any], int] | None = None,
         length_fn: Callable[[Any], int] | None = None,
         items_name: str = "items",
     ) -> None:
         """
         Args:
-            batch_size_fn: Samples in a batch.
+            batch_size_fn: Samples in a batch (default: the first dimension of the
+                batch's first tensor, Lightning's ``extract_batch_size``).
             length_fn: Items (e.g. tokens) in a batch, or None.
             items_name: What an item is, for the bar's label (``tokens`` -> ``tokens/s``).
         """
         # Typed as callables: jsonargparse turns "module.function" into the function.
-        self.batch_size_fn = batch_size_fn
+        self.batch_size_fn = batch_size_fn or extract_batch_size
         self.length_fn = length_fn
         self.items_name = items_name
         self._counts = [0, 0, 0]  # samples, items, flops since the last reading

@@ -112,10 +112,7 @@ class TemplateCLI(CLISeam):
                 f"--trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: must be at least 1"
             )
         if trainer.logger in (None, True):
-            trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": root, "name": "logs"},
-            }
+            trainer.logger = default_loggers(root)
         if self.subcommand != "plan":  # the dry run writes nothing and starts no processes
             check_writable(root)
             launch.check_environment(trainer.devices, trainer.num_nodes)
@@ -153,6 +150,34 @@ class TemplateCLI(CLISeam):
     def before_fit(self) -> None:
         if self.config["fit"].get("ckpt_path") is None:
             refuse_to_overwrite(self.config["fit"].checkpoint.dirpath)
+
+
+def default_loggers(root: str) -> list[dict]:
+    """CSV (``metrics.csv``) and TensorBoard (``events.out.tfevents.*``) loggers, both
+    writing into ``<root>/logs/version_N``: the same keys, one folder per launch."""
+    version = next_log_version(root)
+    options = {"save_dir": root, "name": "logs", "version": version}
+    return [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": options},
+        {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {**options, "default_hp_metric": False},
+        },
+    ]
+
+
+def next_log_version(root: str) -> int | None:
+    """The next free ``version_N`` under ``<root>/logs`` (as Lightning's loggers count);
+    None for a URL (each logger then counts for itself)."""
+    if "://" in root:
+        return None
+    logs = Path(root) / "logs"
+    taken = [
+        int(p.name.removeprefix("version_"))
+        for p in (logs.iterdir() if logs.is_dir() else [])
+        if p.name.removeprefix("version_").isdigit()
+    ]
+    return max(taken, default=-1) + 1
 
 
 def _cuda_available() -> bool:

@@ -19,6 +19,7 @@ from train_template.errors import UserError
 from train_template.launch import requested_world_size
 from train_template.plan import TrainingPlan, format_plan
 from train_template.planning import PlannedTrainer, plan_run
+from train_template.report import draw_lr
 from train_template.schedule import LRSchedule, is_planned_scheduler
 
 
@@ -110,11 +111,8 @@ def save_lr_curve(plan: TrainingPlan, optimizers: list, schedulers: list, path: 
 
     learning_rates = planned_learning_rates(plan, optimizers, schedulers)
     figure, axes = plt.subplots(figsize=(7, 3.5))
-    axes.plot(range(1, plan.max_steps + 1), learning_rates)
-    for epoch in range(1, plan.epochs):
-        axes.axvline(epoch * plan.steps_per_epoch + 0.5, color="0.85", linewidth=0.8)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("learning rate")
+    boundaries = [epoch * plan.steps_per_epoch for epoch in range(1, plan.epochs)]
+    draw_lr(axes, list(range(1, plan.max_steps + 1)), learning_rates, boundaries)
     axes.set_title(f"{plan.max_steps} steps, warmup {plan.warmup_steps}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -16,6 +16,12 @@ Precedence of the training length (most specific wins, printed in the plan):
 ``max_steps`` (optimizer steps) > ``max_samples`` (global samples) or ``max_tokens``
 (global tokens, token datasets) > ``max_epochs``. Setting more than one of
 ``max_steps``, ``max_samples`` and ``max_tokens`` is a conflict and an error.
+
+A stream without a length (an ``IterableDataset`` with no ``__len__``: Hugging Face
+streaming, webdataset, a bucket reader) has ``batches_per_epoch=None``: its length must be
+given in steps, samples or tokens, and the plan's epoch fields are unknown (``None``); the
+stream is one pass that must last the run (``steps.RunMachinery`` stops with one line
+when it runs dry).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class WarmupSetting:
     fraction: float | None = None
     epochs: float | None = None
 
-    def to_steps(self, max_steps: int, steps_per_epoch: int) -> int:
+    def to_steps(self, max_steps: int, steps_per_epoch: int | None) -> int:
         """Most specific unit wins: steps, then epochs, then fraction (a config's default
         fraction stays overridable from the command line)."""
         if self.steps is not None:
@@ -54,6 +60,11 @@ class WarmupSetting:
             if self.epochs < 0:
                 raise PlanError(
                     f"--lr_schedule.warmup_epochs={self.epochs} is negative: use 0 or more"
+                )
+            if steps_per_epoch is None:
+                raise PlanError(
+                    f"--lr_schedule.warmup_epochs={self.epochs}: the train stream has no "
+                    "epochs (no length): use --lr_schedule.warmup_steps or warmup_fraction"
                 )
             return math.ceil(self.epochs * steps_per_epoch)
         if self.fraction is not None:
@@ -77,8 +88,9 @@ class TrainLayout:
     """
 
     batch_size: int
-    rank_batches: tuple[int, ...]  # per rank, before limit_train_batches; short ranks padded
-    rank_samples: tuple[int, ...]  # per rank, the rank's own samples (padding not counted)
+    # Per rank, before limit_train_batches (None: a stream without a length).
+    rank_batches: tuple[int | None, ...]
+    rank_samples: tuple[int | None, ...]  # the rank's own samples (padding not counted)
     tokens_per_sample: int | None = None
     order: tuple[tuple[str, object], ...] = ()
 
@@ -87,8 +99,10 @@ class TrainLayout:
         return len(self.rank_batches)
 
     @property
-    def batches_per_rank(self) -> int:
+    def batches_per_rank(self) -> int | None:
         """Every rank runs the longest rank's count: short ranks are padded to it."""
+        if any(batches is None for batches in self.rank_batches):
+            return None
         return max(self.rank_batches)
 
 
@@ -102,10 +116,12 @@ class TrainingPlan:
     batch_size: int
     accumulate_grad_batches: int
     global_batch_size: int
-    batches_per_epoch: int  # per rank, after sharding, drop_last and limit_train_batches
-    samples_per_epoch: int  # distinct samples, all ranks together (padding not counted)
-    steps_per_epoch: int
-    epochs: int
+    # Per rank, after sharding, drop_last and limit_train_batches. The epoch fields are
+    # None for a stream without a length.
+    batches_per_epoch: int | None
+    samples_per_epoch: int | None  # distinct samples, all ranks together (padding not counted)
+    steps_per_epoch: int | None
+    epochs: int | None
     max_steps: int
     warmup_steps: int
     length_from: (
@@ -148,7 +164,7 @@ RESUME_KEYS = (
 
 def make_plan(
     *,
-    batches_per_epoch: int,
+    batches_per_epoch: int | None,
     batch_size: int,
     accumulate_grad_batches: int,
     devices: int = 1,
@@ -179,6 +195,20 @@ def make_plan(
             f"--trainer.devices={devices} --trainer.num_nodes={num_nodes}: both must be >= 1"
         )
     world_size = devices * num_nodes
+    if batches_per_epoch is None:
+        return _stream_plan(
+            batch_size=batch_size,
+            accumulate_grad_batches=accumulate_grad_batches,
+            devices=devices,
+            num_nodes=num_nodes,
+            data_order=data_order,
+            max_epochs=max_epochs,
+            max_steps=max_steps,
+            max_samples=max_samples,
+            max_tokens=max_tokens,
+            tokens_per_sample=tokens_per_sample,
+            warmup=warmup,
+        )
     if batches_per_epoch < 1:
         raise PlanError(
             f"the train loader yields {batches_per_epoch} batches per rank per epoch "
@@ -194,32 +224,11 @@ def make_plan(
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate_grad_batches)
     global_batch_size = batch_size * accumulate_grad_batches * world_size
 
-    lengths = {
-        "--trainer.max_steps": max_steps if max_steps is not None and max_steps > 0 else None,
-        "--plan.max_samples": max_samples,
-        "--plan.max_tokens": max_tokens,
-    }
-    given = [f"{name}={value}" for name, value in lengths.items() if value is not None]
-    if len(given) > 1:
-        raise PlanError(f"{' and '.join(given)} are set: keep only one training length")
-    if max_steps is not None and max_steps not in (-1, None) and max_steps < 1:
-        raise PlanError(
-            f"--trainer.max_steps={max_steps} trains nothing: use a positive count, or -1 for unset"
-        )
-    if max_tokens is not None:
-        if tokens_per_sample is None:
-            raise PlanError(
-                f"--plan.max_tokens={max_tokens}: the data module yields no token samples "
-                "(no tokens_per_sample): use --plan.max_samples or --trainer.max_epochs"
-            )
-        if max_tokens < 1:
-            raise PlanError(f"--plan.max_tokens={max_tokens}: must be at least 1")
+    _check_lengths(max_steps, max_samples, max_tokens, tokens_per_sample)
     if max_steps is not None and max_steps > 0:
         length_from = "max_steps"
         total_steps = max_steps
     elif max_samples is not None or max_tokens is not None:
-        if max_samples is not None and max_samples < 1:
-            raise PlanError(f"--plan.max_samples={max_samples}: must be at least 1")
         length_from = "max_samples" if max_samples is not None else "max_tokens"
         budget = max_samples if max_samples is not None else -(-max_tokens // tokens_per_sample)
         total_steps = _steps_for_samples(
@@ -256,6 +265,92 @@ def make_plan(
         samples_per_epoch=samples_per_epoch,
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
+        max_steps=total_steps,
+        warmup_steps=warmup_steps,
+        length_from=length_from,
+        tokens_per_sample=tokens_per_sample,
+        global_tokens_per_step=(
+            None if tokens_per_sample is None else global_batch_size * tokens_per_sample
+        ),
+        max_tokens=max_tokens if tokens_per_sample is not None else None,
+        data_order=dict(data_order or {}),
+    )
+
+
+def _check_lengths(max_steps, max_samples, max_tokens, tokens_per_sample) -> None:
+    """One training length at most, and none that trains nothing."""
+    lengths = {
+        "--trainer.max_steps": max_steps if max_steps is not None and max_steps > 0 else None,
+        "--plan.max_samples": max_samples,
+        "--plan.max_tokens": max_tokens,
+    }
+    given = [f"{name}={value}" for name, value in lengths.items() if value is not None]
+    if len(given) > 1:
+        raise PlanError(f"{' and '.join(given)} are set: keep only one training length")
+    if max_steps is not None and max_steps not in (-1, None) and max_steps < 1:
+        raise PlanError(
+            f"--trainer.max_steps={max_steps} trains nothing: use a positive count, or -1 for unset"
+        )
+    if max_samples is not None and max_samples < 1:
+        raise PlanError(f"--plan.max_samples={max_samples}: must be at least 1")
+    if max_tokens is not None:
+        if tokens_per_sample is None:
+            raise PlanError(
+                f"--plan.max_tokens={max_tokens}: the data module yields no token samples "
+                "(no tokens_per_sample): use --plan.max_samples or --trainer.max_epochs"
+            )
+        if max_tokens < 1:
+            raise PlanError(f"--plan.max_tokens={max_tokens}: must be at least 1")
+
+
+def _stream_plan(
+    *,
+    batch_size: int,
+    accumulate_grad_batches: int,
+    devices: int,
+    num_nodes: int,
+    data_order: dict | None,
+    max_epochs: int | None,
+    max_steps: int,
+    max_samples: int | None,
+    max_tokens: int | None,
+    tokens_per_sample: int | None,
+    warmup: WarmupSetting,
+) -> TrainingPlan:
+    """The plan of a train stream without a length: steps from the given length alone."""
+    _check_lengths(max_steps, max_samples, max_tokens, tokens_per_sample)
+    world_size = devices * num_nodes
+    global_batch_size = batch_size * accumulate_grad_batches * world_size
+    if max_steps is not None and max_steps > 0:
+        length_from, total_steps = "max_steps", max_steps
+    elif max_samples is not None or max_tokens is not None:
+        length_from = "max_samples" if max_samples is not None else "max_tokens"
+        budget = max_samples if max_samples is not None else -(-max_tokens // tokens_per_sample)
+        batches = math.ceil(budget / (batch_size * world_size))  # per rank
+        total_steps = math.ceil(batches / accumulate_grad_batches)
+    else:
+        raise PlanError(
+            f"--trainer.max_epochs={max_epochs}: the train loader has no length (a stream), so "
+            "it has no epochs: give the length as --trainer.max_steps, --plan.max_samples or "
+            "--plan.max_tokens"
+        )
+    warmup_steps = warmup.to_steps(total_steps, None)
+    if warmup_steps >= total_steps and warmup_steps > 0:
+        raise PlanError(
+            f"warmup ({warmup_steps} steps) is not shorter than training ({total_steps} steps): "
+            "lower the --lr_schedule.warmup_* setting or train longer"
+        )
+    return TrainingPlan(
+        world_size=world_size,
+        devices=devices,
+        num_nodes=num_nodes,
+        batch_size=batch_size,
+        accumulate_grad_batches=accumulate_grad_batches,
+        global_batch_size=global_batch_size,
+        batches_per_epoch=None,
+        samples_per_epoch=None,
+        steps_per_epoch=None,
+        epochs=None,
         max_steps=total_steps,
         warmup_steps=warmup_steps,
         length_from=length_from,
@@ -325,10 +420,10 @@ def format_plan(plan: TrainingPlan, planned_schedule: bool = True) -> str:
         ("batch size per device", plan.batch_size),
         ("accumulate grad batches", plan.accumulate_grad_batches),
         ("global batch size", plan.global_batch_size),
-        ("batches per epoch (per rank)", plan.batches_per_epoch),
-        ("samples per epoch (all ranks)", plan.samples_per_epoch),
-        ("optimizer steps per epoch", plan.steps_per_epoch),
-        ("epochs", plan.epochs),
+        ("batches per epoch (per rank)", _known(plan.batches_per_epoch)),
+        ("samples per epoch (all ranks)", _known(plan.samples_per_epoch)),
+        ("optimizer steps per epoch", _known(plan.steps_per_epoch)),
+        ("epochs", _known(plan.epochs)),
         ("max steps", f"{plan.max_steps} (length from {plan.length_from})"),
         (
             "warmup steps",
@@ -345,3 +440,7 @@ def format_plan(plan: TrainingPlan, planned_schedule: bool = True) -> str:
     lines = ["Training plan", "-" * (width + 24)]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)
+
+
+def _known(value: int | None) -> int | str:
+    return "unknown (a stream without a length)" if value is None else value

@@ -83,14 +83,17 @@ def plan_run(
 ) -> TrainingPlan:
     """The plan for ``source`` (the data module, or the module that has the loaders)."""
     layout = train_layout_of(source, world_size, distributed_sampler)
-    batches = seam.limited_batches(layout.batches_per_rank, limit_train_batches)
+    length = layout.batches_per_rank
+    # A stream without a length has no epochs, unless an int limit_train_batches makes them.
+    batches = seam.limited_batches(math.inf if length is None else length, limit_train_batches)
+    sized = length is not None
     return make_plan(
-        batches_per_epoch=int(batches),
+        batches_per_epoch=None if math.isinf(batches) else int(batches),
         batch_size=layout.batch_size,
         accumulate_grad_batches=accumulate_grad_batches,
         devices=world_size // num_nodes,
         num_nodes=num_nodes,
-        rank_samples=layout.rank_samples,
+        rank_samples=layout.rank_samples if sized else None,
         data_order=dict(layout.order),
         tokens_per_sample=layout.tokens_per_sample,
         max_epochs=max_epochs,
@@ -114,17 +117,14 @@ def measured_layout(source: Any, world_size: int, distributed_sampler: bool = Tr
     padded to ``ceil(len(sampler) / world_size)`` samples)."""
     loader = source.train_dataloader()
     batch_size = getattr(loader, "batch_size", None)
-    try:
-        length = len(loader)
-        sampled = len(loader.sampler) if loader.sampler is not None else None
-    except TypeError:
-        raise UserError(
-            "the train loader has no length: the plan needs a sized loader (a map-style "
-            "dataset, or a data module with train_layout)"
-        ) from None
     if batch_size is None:
         raise UserError("the train loader has no batch_size: the plan needs a batched loader")
     tokens = getattr(source, "tokens_per_sample", None)
+    try:
+        length = len(loader)
+        sampled = len(loader.sampler) if loader.sampler is not None else None
+    except TypeError:  # a stream without a length: each rank reads its own share
+        return TrainLayout(batch_size, (None,) * world_size, (None,) * world_size, tokens)
     if world_size == 1 or not distributed_sampler or sampled is None:
         samples = sampled if sampled is not None else length * batch_size
         return TrainLayout(batch_size, (length,) * world_size, (samples,) * world_size, tokens)
@@ -165,6 +165,8 @@ def check_resume(saved: dict | None, plan: TrainingPlan) -> None:
 
 def check_loader(trainer: pl.Trainer, plan: TrainingPlan) -> None:
     """The real loader against the plan, on every rank, before the first step."""
+    if plan.batches_per_epoch is None:
+        return  # a stream without a length: nothing to count; check_stream_lasted at its end
     counts = _batch_counts_of_all_ranks(trainer, trainer.num_training_batches)
     # Every rank reaches the same decision: the gathered counts are the same everywhere.
     if len(set(counts)) > 1:
@@ -189,3 +191,14 @@ def _batch_counts_of_all_ranks(trainer: pl.Trainer, batches: int | float) -> lis
         return [int(batches)]
     local = torch.tensor([int(batches)], device=trainer.strategy.root_device)
     return trainer.strategy.all_gather(local).reshape(-1).tolist()
+
+
+def check_stream_lasted(trainer: pl.Trainer, plan: TrainingPlan) -> None:
+    """At the end of a stream's one pass: it must have lasted the whole planned length."""
+    if plan.batches_per_epoch is None and trainer.global_step < plan.max_steps:
+        raise UserError(
+            f"the train stream ran dry after {trainer.global_step} of the planned "
+            f"{plan.max_steps} optimizer steps ({plan.length_from}): give a longer stream, or "
+            f"a length it can fill (--trainer.max_steps {trainer.global_step} or less); the "
+            "last checkpoint is kept"
+        )

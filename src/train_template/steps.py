@@ -44,27 +44,41 @@ At each **batch end**
       ranks every ``--preemption.check_every_n_steps`` steps) saves ``last.ckpt`` and exits;
   15. then the checkpoint callback saves on its own triggers (``--checkpoint.*``).
 
-At each **epoch end**: the non-finite flag is read; the checkpoint callback saves.
+At each **epoch end**: the non-finite flag is read; a stream without a length that ended
+before the plan's last step stops the run in one line; the checkpoint callback saves.
 
 At each **save** (every rank builds the checkpoint, rank 0 writes it)
   16. a non-finite loss or weight refuses the save, so ``last.ckpt`` stays the last good;
   17. the plan and every rank's RNG states go into the checkpoint.
+
+At the **end of the fit**
+  18. rank 0 draws ``<log_dir>/training.png`` from the run's ``metrics.csv`` files
+      (``report.plot_run``: loss, LR, validation, throughput; resumed launches included).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from train_template import seam
 from train_template.checkpointing import gathered_rng_states, restore_rng_states
 from train_template.guards import FiniteGuard
 from train_template.plan import TrainingPlan, accumulation_window_size, format_plan
-from train_template.planning import PlanOptions, check_loader, check_resume, plan_of_trainer
+from train_template.planning import (
+    PlanOptions,
+    check_loader,
+    check_resume,
+    check_stream_lasted,
+    plan_of_trainer,
+)
 from train_template.preemption import PreemptionOptions, PreemptionSave
+from train_template.report import PLOT_FILE, plot_run
 from train_template.schedule import LRSchedule, is_planned_scheduler
 
 PLAN_FILE = "plan.json"
@@ -118,7 +132,7 @@ class RunMachinery(Callback):
             return
         self.plan = plan_of_trainer(trainer, pl_module, self.options)
         trainer.training_plan = self.plan
-        seam.release_step_limit(trainer, self.plan.epochs)
+        seam.release_step_limit(trainer, self.plan.epochs or 1)  # a stream: one pass
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.plan is not None:
@@ -181,6 +195,14 @@ class RunMachinery(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.finite.check_loss(trainer, f"epoch {trainer.current_epoch}")
+        check_stream_lasted(trainer, self.plan)
+
+    # -- end of the fit (18) ----------------------------------------------------------
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a broadcast in DDP: every rank must ask
+        if trainer.is_global_zero and log_dir is not None:
+            draw_training_plot(trainer, Path(log_dir), self.plan)
 
     # -- save (16-17) ---------------------------------------------------------------
 
@@ -195,9 +217,19 @@ class RunMachinery(Callback):
         return {"plan": self.plan.to_dict(), "rng": gathered_rng_states()}
 
 
-def write_plan(plan: TrainingPlan, log_dir: str) -> None:
-    from pathlib import Path
+def draw_training_plot(trainer: pl.Trainer, log_dir: Path, plan: TrainingPlan | None) -> None:
+    """``training.png`` from the CSV logger's files (none without a CSV logger)."""
+    csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+    if not csv_loggers or "://" in str(log_dir):
+        return
+    for logger in trainer.loggers:
+        logger.save()  # the rows still in memory
+    out = plot_run(Path(csv_loggers[0].log_dir).parent, log_dir / PLOT_FILE, plan)
+    if out is not None:
+        rank_zero_info(f"training plot: {out}")
 
+
+def write_plan(plan: TrainingPlan, log_dir: str) -> None:
     path = Path(log_dir) / PLAN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(plan.to_json())
@@ -210,8 +242,8 @@ def scale_short_window(trainer: pl.Trainer, plan: TrainingPlan, optimizer: Any) 
     all-reduce and AMP unscaling, before clipping) gives that step the mean gradient over
     the batches it really has, for any module."""
     accumulate = plan.accumulate_grad_batches
-    if accumulate == 1:
-        return
+    if accumulate == 1 or plan.batches_per_epoch is None:
+        return  # no short window: every window is full, or a stream has no epoch end
     window = accumulation_window_size(seam.batch_index(trainer), plan.batches_per_epoch, accumulate)
     if window == accumulate:
         return

@@ -1,0 +1,112 @@
+"""``training.png``: the picture of a run, drawn from its ``metrics.csv`` files.
+
+Four panels: training loss per step, learning rate per step, validation metrics, and
+throughput; the plan's numbers in the title. It reads every ``version_*/metrics.csv`` of
+the run (a resumed run continues in a new version folder; for a step logged twice the
+later launch wins), so a resumed run is drawn whole, and it takes any column names a
+module logs: a column counts as training loss when its name starts with ``train`` and
+contains ``loss``, as validation when it starts with ``val``, as throughput when it ends
+with ``_per_sec``, as learning rate when it starts with ``lr-``. ``train.py plan
+--lr_curve`` draws its curve with the same :func:`draw_lr`.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+PLOT_FILE = "training.png"
+
+
+def read_metrics(log_root: Path) -> dict[str, dict[int, float]]:
+    """column -> {step: value} over every launch of the run, later launches winning."""
+    columns: dict[str, dict[int, float]] = {}
+    versions = sorted(
+        (p for p in log_root.glob("version_*") if p.name.removeprefix("version_").isdigit()),
+        key=lambda p: int(p.name.removeprefix("version_")),
+    )
+    for version in versions:
+        path = version / "metrics.csv"
+        if not path.is_file():
+            continue
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                if not row.get("step"):
+                    continue
+                step = int(float(row["step"]))
+                for name, value in row.items():
+                    if name not in ("step", "epoch") and value not in ("", None):
+                        columns.setdefault(name, {})[step] = float(value)
+    return columns
+
+
+def draw_lr(axes: Any, steps: list[int], learning_rates: list[float], boundaries=()) -> None:
+    """The LR per optimizer step (1-based on the axis), epoch boundaries as thin lines."""
+    axes.plot(steps, learning_rates)
+    for boundary in boundaries:
+        axes.axvline(boundary + 0.5, color="0.85", linewidth=0.8)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("learning rate")
+
+
+def plot_run(log_root: Path, out: Path, plan: Any = None) -> Path | None:
+    """Draw ``out`` from the run's metrics; None when nothing was logged."""
+    columns = read_metrics(log_root)
+    if not columns:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {
+        "training loss": [c for c in columns if c.startswith("train") and "loss" in c],
+        "learning rate": [c for c in columns if c.startswith("lr-")],
+        "validation": [c for c in columns if c.startswith("val")],
+        "throughput (per second)": [c for c in columns if c.endswith("_per_sec")],
+    }
+    figure, grid = plt.subplots(2, 2, figsize=(11, 7))
+    for axes, (title, names) in zip(grid.flat, groups.items(), strict=True):
+        axes.set_title(title, fontsize=10)
+        if not names:
+            axes.text(0.5, 0.5, "not logged", ha="center", va="center", color="0.5")
+            axes.set_xticks([])
+            axes.set_yticks([])
+            continue
+        for name in names:
+            points = sorted(columns[name].items())
+            steps, values = [s + 1 for s, _ in points], [v for _, v in points]
+            if title == "learning rate":
+                boundaries = _epoch_boundaries(plan)
+                draw_lr(axes, steps, values, boundaries)
+                axes.set_ylabel(name)
+            else:
+                axes.plot(steps, values, marker="o" if len(steps) < 30 else None, label=name)
+                axes.set_xlabel("optimizer step")
+        if title != "learning rate":
+            axes.legend(fontsize=8)
+    figure.suptitle(_title(plan), fontsize=10)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def _epoch_boundaries(plan: Any) -> list[int]:
+    if plan is None or not plan.steps_per_epoch:
+        return []
+    return [epoch * plan.steps_per_epoch for epoch in range(1, plan.epochs or 0)]
+
+
+def _title(plan: Any) -> str:
+    if plan is None:
+        return "training run"
+    epochs = plan.epochs if plan.epochs else "unknown"
+    return (
+        f"{plan.max_steps} optimizer steps (length from {plan.length_from}), epochs {epochs}, "
+        f"world size {plan.world_size}, global batch {plan.global_batch_size} "
+        f"({plan.batch_size} x {plan.accumulate_grad_batches} x {plan.world_size}), "
+        f"warmup {plan.warmup_steps}"
+    )
