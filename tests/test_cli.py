@@ -24,14 +24,25 @@ def test_every_shipped_config_parses_through_the_real_cli(config, cli_in_process
         assert "strategy: ddp" in printed and "ClassifierModule" in printed
 
 
+HARMLESS = ("LeafSpec", "has `__len__` defined", "litmodels", "LitLogger", "Create an account")
+
+
+def assert_clean(result) -> None:
+    output = result.stdout + result.stderr
+    for silenced in HARMLESS:
+        assert silenced not in output, f"a known-harmless message is printed: {silenced}"
+
+
 def test_embedded_default_trains_to_95_percent_and_predicts(tmp_path, digits_dir):
     run_dir = tmp_path / "run"
     fitted = run(train_cmd("fit", run_dir, digits_dir), timeout=600)
-    output = fitted.stdout + fitted.stderr
-    for silenced in ("LeafSpec", "has `__len__` defined", "litmodels", "Create an account"):
-        assert silenced not in output, f"a known-harmless message is printed: {silenced}"
-    assert "Training plan" in output  # the output itself is not swallowed
+    assert_clean(fitted)
+    assert "Training plan" in fitted.stdout + fitted.stderr  # the output is not swallowed
     plan = load_plan(run_dir)
+    # TensorBoard beside the CSV logs, and the picture of the run
+    log_dir = sorted((run_dir / "logs").glob("version_*"))[-1]
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    assert (log_dir / "training.png").stat().st_size > 10_000
     assert plan["max_steps"] == plan["steps_per_epoch"] * plan["epochs"] == 45 * 15
     metrics = list(
         csv.DictReader(open(sorted((run_dir / "logs").glob("version_*/metrics.csv"))[-1]))
@@ -45,12 +56,13 @@ def test_embedded_default_trains_to_95_percent_and_predicts(tmp_path, digits_dir
     assert loss_steps == [*range(9, plan["max_steps"], 10), plan["max_steps"] - 1]
 
     tested = run(train_cmd("test", run_dir, digits_dir, "--ckpt_path", "last"))
+    assert_clean(tested)
     accuracy = float(
         next(line.split()[-1] for line in tested.stdout.splitlines() if "test/acc" in line)
     )
     assert accuracy >= 0.95
 
-    run(train_cmd("predict", run_dir, digits_dir, "--ckpt_path", "last"))
+    assert_clean(run(train_cmd("predict", run_dir, digits_dir, "--ckpt_path", "last")))
     rows = list(
         csv.DictReader(open(sorted((run_dir / "logs").glob("version_*/predictions.csv"))[-1]))
     )
@@ -113,6 +125,7 @@ def test_dry_run_for_a_cluster_this_machine_does_not_have(tmp_path, digits_dir):
     )
     assert "32 (4 node(s) x 8 device(s))" in result.stdout
     assert png.stat().st_size > 1000
+    assert_clean(result)
 
 
 def test_a_user_error_is_one_line_and_exit_status_2_in_a_real_process(tmp_path, digits_dir):

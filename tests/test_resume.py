@@ -131,6 +131,12 @@ def test_resume_from_end_of_epoch_checkpoint_continues_the_shuffle(tmp_path, sha
     assert_same_run(reference, resumed)
     orders = epoch_orders(resumed)
     assert orders[0] != orders[1] != orders[2]
+    # The resumed launch logs to a new version folder, TensorBoard beside CSV, and its
+    # training.png is drawn from both launches' metrics.csv.
+    versions = sorted((resumed / "logs").glob("version_*"))
+    assert len(versions) == 2
+    assert all(list(v.glob("events.out.tfevents.*")) for v in versions)
+    assert (versions[-1] / "training.png").stat().st_size > 10_000
 
 
 def test_killed_checkpoint_writer_leaves_previous_checkpoint_loadable(tmp_path):

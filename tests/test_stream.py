@@ -43,10 +43,14 @@ def fit(tmp_path, data, *, max_steps=-1, max_epochs=None, accumulate=1, plan=Non
 
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_an_endless_stream_trains_exactly_max_steps_and_the_lr_ends_on_the_last(
-    tmp_path, accumulate
+    tmp_path, accumulate, caplog
 ):
-    trainer, lrs = fit(tmp_path, StreamDataModule(), max_steps=20, accumulate=accumulate)
+    with caplog.at_level("INFO"):
+        trainer, lrs = fit(tmp_path, StreamDataModule(), max_steps=20, accumulate=accumulate)
     plan = trainer.training_plan
+    # the table says what is unknown, and that OneCycleLR, not the plan, sets the warmup
+    assert "epochs                         unknown (a stream without a length)" in caplog.text
+    assert "warmup steps                   set by the module's scheduler" in caplog.text
     assert plan.epochs is None and plan.batches_per_epoch is None
     assert trainer.global_step == plan.max_steps == 20 == len(lrs)
     scheduler = trainer.lr_scheduler_configs[0].scheduler
