@@ -244,6 +244,14 @@ CASES = [
         "--trainer.max_steps=0 trains nothing",
     ),
     (
+        "global-batch-not-divisible",
+        "fresh",
+        "data",
+        ["--plan.global_batch_size 48 --data.batch_size 32"],
+        {},
+        "--plan.global_batch_size=48 is not a whole number of world size x batch per device",
+    ),
+    (
         "fsdp-without-a-gpu",
         "fresh",
         "data",

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from train_template.plan import (
     PlanError,
     WarmupSetting,
+    accumulation_for,
     accumulation_window_size,
     make_plan,
     resume_changes,
@@ -218,3 +219,19 @@ def test_token_budget_rounds_up_to_whole_steps_and_reports_tokens(accumulate):
             batches_per_epoch=10, batch_size=4, accumulate_grad_batches=1, max_epochs=1
         ).to_dict()
     )
+
+
+@pytest.mark.parametrize(
+    "world_size,batch_size,accumulate", [(1, 8, 8), (2, 8, 4), (4, 16, 1), (8, 2, 4)]
+)
+def test_global_batch_derives_the_accumulation_for_any_layout(world_size, batch_size, accumulate):
+    assert accumulation_for(64, world_size, batch_size, None) == accumulate
+    assert accumulation_for(64, world_size, batch_size, 1) == accumulate  # the config default
+
+
+def test_a_global_batch_the_layout_cannot_divide_names_a_batch_size_that_works():
+    # 96 over 3 ranks: batch 7 does not divide it; 4 is the largest batch <= 7 that does
+    with pytest.raises(PlanError, match=r"not a whole number of .* 3 x 7 = 21: .* e\.g\. 4$"):
+        accumulation_for(96, 3, 7, None)
+    with pytest.raises(PlanError, match="--trainer.accumulate_grad_batches=3: set only one"):
+        accumulation_for(64, 2, 8, 3)

@@ -158,3 +158,25 @@ def test_short_last_window_gets_the_gradient_of_its_own_batches(tmp_path, scale)
     factor = 1.0 if scale else 1.0 / 4  # unscaled, Lightning divides by the full window
     for name, grad in recorder.grads[1].items():
         torch.testing.assert_close(grad, expected[name] * factor, rtol=1e-5, atol=1e-6)
+
+
+def test_global_batch_size_derives_the_accumulation_lightning_runs(tmp_path):
+    # 64 samples per step at batch 8 on one process: accumulate 8; 40 batches -> 5 steps
+    data_dir = write_shards(tmp_path, 320)
+    data = DigitsDataModule(str(data_dir), batch_size=8, drop_last=True)
+    trainer = PlannedTrainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=template_callbacks(PlanOptions(global_batch_size=64)),
+    )
+    trainer.fit(ClassifierModule(MLP()), data)
+    plan = trainer.training_plan
+    assert (plan.accumulate_grad_batches, plan.global_batch_size) == (8, 64)
+    assert trainer.accumulate_grad_batches == 8
+    assert trainer.global_step == plan.max_steps == 2 * 5

@@ -380,6 +380,38 @@ def _steps_for_samples(
     return full_epochs * steps_per_epoch + math.ceil(remainder_batches / accumulate_grad_batches)
 
 
+def accumulation_for(
+    global_batch_size: int, world_size: int, batch_size: int, accumulate_grad_batches: int | None
+) -> int:
+    """The accumulation that makes ``global_batch_size`` at this world size and per-device
+    batch (``--plan.global_batch_size``); one line naming what works when none does."""
+    per_step = world_size * batch_size
+    if global_batch_size < 1 or global_batch_size % per_step:
+        sizes = [
+            b for b in range(1, global_batch_size + 1) if global_batch_size % (world_size * b) == 0
+        ]
+        # The largest that fits where this batch did (memory), else the smallest there is.
+        fitting = [b for b in sizes if b <= batch_size]
+        suggestion = fitting[-1] if fitting else (sizes[0] if sizes else None)
+        hint = (
+            f"use a --data.batch_size that divides it over {world_size} rank(s), e.g. {suggestion}"
+            if suggestion
+            else f"use a global batch that {world_size} rank(s) can share"
+        )
+        raise PlanError(
+            f"--plan.global_batch_size={global_batch_size} is not a whole number of "
+            f"world size x batch per device = {world_size} x {batch_size} = {per_step}: {hint}"
+        )
+    accumulate = global_batch_size // per_step
+    if accumulate_grad_batches not in (None, 1, accumulate):
+        raise PlanError(
+            f"--plan.global_batch_size={global_batch_size} needs accumulation {accumulate} at "
+            f"world size {world_size} and batch {batch_size}, but "
+            f"--trainer.accumulate_grad_batches={accumulate_grad_batches}: set only one of them"
+        )
+    return accumulate
+
+
 def accumulation_window_size(batch_idx: int, batches_per_epoch: int, accumulate: int) -> int:
     """How many batches the accumulation window containing ``batch_idx`` really has.
 

@@ -27,7 +27,13 @@ import torch
 
 from train_template import seam
 from train_template.errors import UserError
-from train_template.plan import TrainingPlan, TrainLayout, make_plan, resume_changes
+from train_template.plan import (
+    TrainingPlan,
+    TrainLayout,
+    accumulation_for,
+    make_plan,
+    resume_changes,
+)
 from train_template.schedule import LRSchedule
 
 
@@ -41,6 +47,9 @@ class PlanOptions:
     max_tokens: int | None = None
     """Train on this many tokens (all ranks together; token datasets); rounded up to whole
     optimizer steps."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step, all ranks together: the accumulation is derived from the
+    world size and the per-device batch (``--trainer.accumulate_grad_batches`` then unset)."""
     scale_partial_accumulation: bool = True
     """Give the epoch's last, short accumulation window the mean gradient of the batches it
     holds (Lightning divides its loss by the full window size, Lightning #19987)."""
@@ -83,6 +92,10 @@ def plan_run(
 ) -> TrainingPlan:
     """The plan for ``source`` (the data module, or the module that has the loaders)."""
     layout = train_layout_of(source, world_size, distributed_sampler)
+    if options.global_batch_size is not None:
+        accumulate_grad_batches = accumulation_for(
+            options.global_batch_size, world_size, layout.batch_size, accumulate_grad_batches
+        )
     length = layout.batches_per_rank
     # A stream without a length has no epochs, unless an int limit_train_batches makes them.
     batches = seam.limited_batches(math.inf if length is None else length, limit_train_batches)
@@ -137,8 +150,9 @@ def measured_layout(source: Any, world_size: int, distributed_sampler: bool = Tr
 def plan_of_trainer(
     trainer: PlannedTrainer, pl_module: pl.LightningModule, options: PlanOptions
 ) -> TrainingPlan:
-    """:func:`plan_run` with a fit's Trainer numbers."""
-    return plan_run(
+    """:func:`plan_run` with a fit's Trainer numbers; the Trainer then accumulates as the
+    plan says (``--plan.global_batch_size`` derives it)."""
+    plan = plan_run(
         trainer.datamodule if trainer.datamodule is not None else pl_module,
         world_size=trainer.world_size,
         num_nodes=trainer.num_nodes,
@@ -150,6 +164,9 @@ def plan_of_trainer(
         schedule=trainer.lr_schedule or LRSchedule(),
         distributed_sampler=getattr(trainer, "use_distributed_sampler", True),
     )
+    # Lightning reads this attribute at every batch; set before the loop starts.
+    trainer.accumulate_grad_batches = plan.accumulate_grad_batches
+    return plan
 
 
 def check_resume(saved: dict | None, plan: TrainingPlan) -> None:
