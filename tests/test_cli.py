@@ -55,6 +55,7 @@ def test_embedded_default_trains_to_95_percent_and_predicts(tmp_path, digits_dir
     loss_steps = sorted(int(row["step"]) for row in metrics if row.get("train/loss"))
     assert loss_steps == [*range(9, plan["max_steps"], 10), plan["max_steps"] - 1]
 
+    assert_clean(run(train_cmd("validate", run_dir, digits_dir, "--ckpt_path", "last")))
     tested = run(train_cmd("test", run_dir, digits_dir, "--ckpt_path", "last"))
     assert_clean(tested)
     accuracy = float(
