@@ -244,6 +244,14 @@ CASES = [
         "--trainer.max_steps=0 trains nothing",
     ),
     (
+        "renamed-warmup-option",
+        "fresh",
+        "data",
+        ["--plan.warmup_fraction 0.1"],
+        {},
+        "--plan.warmup_fraction 0.1: the whole LR curve is --lr_schedule.* now",
+    ),
+    (
         "global-batch-not-divisible",
         "fresh",
         "data",

@@ -118,7 +118,7 @@ class TemplateCLI(CLISeam):
             launch.check_environment(trainer.devices, trainer.num_nodes)
             launch.check_strategy(trainer.strategy, trainer.accelerator, _cuda_available())
             if launch.in_slurm_job() and not trainer.plugins:
-                # SaveOnPreemption saves and requeues at a step boundary instead of
+                # The preemption save (steps.RunMachinery) saves and requeues at a step boundary instead of
                 # Lightning's save from inside the signal handler.
                 trainer.plugins = [
                     {
@@ -242,8 +242,19 @@ def main(args: list[str] | None = None) -> None:
         )
     except Exception as error:  # jsonargparse reports bad options with its own type
         if type(error).__name__ == "ArgumentError":
-            _fail(parser_error_line(str(error)))
+            _fail(with_renamed_hint(parser_error_line(str(error))))
         raise
+
+
+def with_renamed_hint(line: str) -> str:
+    """Options renamed in this version: an old name is refused with its new name."""
+    renamed = "--plan.warmup" in line or ("lr_schedule" in line and "model" in line)
+    if renamed and "unrecognized" in line:
+        return (
+            f"{line}: the whole LR curve is --lr_schedule.* now (warmup_steps, warmup_epochs, "
+            "warmup_fraction, decay, final_lr_factor, warmup_start_factor, stable_fraction)"
+        )
+    return line
 
 
 _UNION_NOISE = (
