@@ -195,34 +195,25 @@ def make_plan(
             f"--trainer.devices={devices} --trainer.num_nodes={num_nodes}: both must be >= 1"
         )
     world_size = devices * num_nodes
-    if batches_per_epoch is None:
-        return _stream_plan(
-            batch_size=batch_size,
-            accumulate_grad_batches=accumulate_grad_batches,
-            devices=devices,
-            num_nodes=num_nodes,
-            data_order=data_order,
-            max_epochs=max_epochs,
-            max_steps=max_steps,
-            max_samples=max_samples,
-            max_tokens=max_tokens,
-            tokens_per_sample=tokens_per_sample,
-            warmup=warmup,
-        )
-    if batches_per_epoch < 1:
-        raise PlanError(
-            f"the train loader yields {batches_per_epoch} batches per rank per epoch "
-            f"(batch_size={batch_size}, world_size={world_size}): use a smaller --data.batch_size, "
-            "fewer devices, more data, or --data.drop_last false"
-        )
-    rank_cap = batches_per_epoch * batch_size  # limit_train_batches may cut a rank short
-    if rank_samples is None:
-        rank_samples = [rank_cap] * world_size
-    if len(rank_samples) != world_size:
-        raise ValueError(f"{len(rank_samples)} per-rank sample counts for world size {world_size}")
-    samples_per_epoch = sum(min(samples, rank_cap) for samples in rank_samples)
-    steps_per_epoch = math.ceil(batches_per_epoch / accumulate_grad_batches)
     global_batch_size = batch_size * accumulate_grad_batches * world_size
+    if batches_per_epoch is None:  # a stream without a length: no epochs
+        samples_per_epoch = steps_per_epoch = None
+    else:
+        if batches_per_epoch < 1:
+            raise PlanError(
+                f"the train loader yields {batches_per_epoch} batches per rank per epoch "
+                f"(batch_size={batch_size}, world_size={world_size}): use a smaller "
+                "--data.batch_size, fewer devices, more data, or --data.drop_last false"
+            )
+        rank_cap = batches_per_epoch * batch_size  # limit_train_batches may cut a rank short
+        if rank_samples is None:
+            rank_samples = [rank_cap] * world_size
+        if len(rank_samples) != world_size:
+            raise ValueError(
+                f"{len(rank_samples)} per-rank sample counts for world size {world_size}"
+            )
+        samples_per_epoch = sum(min(samples, rank_cap) for samples in rank_samples)
+        steps_per_epoch = math.ceil(batches_per_epoch / accumulate_grad_batches)
 
     _check_lengths(max_steps, max_samples, max_tokens, tokens_per_sample)
     if max_steps is not None and max_steps > 0:
@@ -238,6 +229,12 @@ def make_plan(
             batch_size * world_size,
             accumulate_grad_batches,
         )
+    elif steps_per_epoch is None:
+        raise PlanError(
+            f"--trainer.max_epochs={max_epochs}: the train loader has no length (a stream), so "
+            "it has no epochs: give the length as --trainer.max_steps, --plan.max_samples or "
+            "--plan.max_tokens"
+        )
     else:
         if max_epochs is None or max_epochs < 1:
             raise PlanError(
@@ -246,7 +243,7 @@ def make_plan(
             )
         length_from = "max_epochs"
         total_steps = max_epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
+    epochs = None if steps_per_epoch is None else math.ceil(total_steps / steps_per_epoch)
 
     warmup_steps = warmup.to_steps(total_steps, steps_per_epoch)
     if warmup_steps >= total_steps and warmup_steps > 0:
@@ -303,81 +300,26 @@ def _check_lengths(max_steps, max_samples, max_tokens, tokens_per_sample) -> Non
             raise PlanError(f"--plan.max_tokens={max_tokens}: must be at least 1")
 
 
-def _stream_plan(
-    *,
-    batch_size: int,
-    accumulate_grad_batches: int,
-    devices: int,
-    num_nodes: int,
-    data_order: dict | None,
-    max_epochs: int | None,
-    max_steps: int,
-    max_samples: int | None,
-    max_tokens: int | None,
-    tokens_per_sample: int | None,
-    warmup: WarmupSetting,
-) -> TrainingPlan:
-    """The plan of a train stream without a length: steps from the given length alone."""
-    _check_lengths(max_steps, max_samples, max_tokens, tokens_per_sample)
-    world_size = devices * num_nodes
-    global_batch_size = batch_size * accumulate_grad_batches * world_size
-    if max_steps is not None and max_steps > 0:
-        length_from, total_steps = "max_steps", max_steps
-    elif max_samples is not None or max_tokens is not None:
-        length_from = "max_samples" if max_samples is not None else "max_tokens"
-        budget = max_samples if max_samples is not None else -(-max_tokens // tokens_per_sample)
-        batches = math.ceil(budget / (batch_size * world_size))  # per rank
-        total_steps = math.ceil(batches / accumulate_grad_batches)
-    else:
-        raise PlanError(
-            f"--trainer.max_epochs={max_epochs}: the train loader has no length (a stream), so "
-            "it has no epochs: give the length as --trainer.max_steps, --plan.max_samples or "
-            "--plan.max_tokens"
-        )
-    warmup_steps = warmup.to_steps(total_steps, None)
-    if warmup_steps >= total_steps and warmup_steps > 0:
-        raise PlanError(
-            f"warmup ({warmup_steps} steps) is not shorter than training ({total_steps} steps): "
-            "lower the --lr_schedule.warmup_* setting or train longer"
-        )
-    return TrainingPlan(
-        world_size=world_size,
-        devices=devices,
-        num_nodes=num_nodes,
-        batch_size=batch_size,
-        accumulate_grad_batches=accumulate_grad_batches,
-        global_batch_size=global_batch_size,
-        batches_per_epoch=None,
-        samples_per_epoch=None,
-        steps_per_epoch=None,
-        epochs=None,
-        max_steps=total_steps,
-        warmup_steps=warmup_steps,
-        length_from=length_from,
-        tokens_per_sample=tokens_per_sample,
-        global_tokens_per_step=(
-            None if tokens_per_sample is None else global_batch_size * tokens_per_sample
-        ),
-        max_tokens=max_tokens if tokens_per_sample is not None else None,
-        data_order=dict(data_order or {}),
-    )
-
-
 def _steps_for_samples(
     max_samples: int,
-    samples_per_epoch: int,
-    steps_per_epoch: int,
+    samples_per_epoch: int | None,
+    steps_per_epoch: int | None,
     samples_per_global_batch: int,
     accumulate_grad_batches: int,
 ) -> int:
     """Optimizer steps until at least ``max_samples`` samples have been consumed.
 
     Whole epochs first, then the whole batches the remainder needs; the step count
-    follows Lightning's rule for the partial epoch too.
+    follows Lightning's rule for the partial epoch too. A stream (no epochs) is all
+    remainder.
     """
-    full_epochs, remainder = divmod(max_samples, samples_per_epoch)
+    if samples_per_epoch is None:
+        full_epochs, remainder = 0, max_samples
+    else:
+        full_epochs, remainder = divmod(max_samples, samples_per_epoch)
     remainder_batches = math.ceil(remainder / samples_per_global_batch)
-    return full_epochs * steps_per_epoch + math.ceil(remainder_batches / accumulate_grad_batches)
+    full_steps = full_epochs * steps_per_epoch if full_epochs else 0
+    return full_steps + math.ceil(remainder_batches / accumulate_grad_batches)
 
 
 def accumulation_for(
