@@ -70,9 +70,9 @@ def test_embedded_default_trains_to_95_percent_and_predicts(tmp_path, digits_dir
     assert len(rows) == 180 and {int(r["prediction"]) for r in rows} <= set(range(10))
 
 
-def test_dry_run_plan_equals_the_plan_of_a_real_fit(tmp_path, digits_dir):
-    """World size 1 here; world size 2 (drop_last true and false) is compared with the
-    real 2-process fit in test_launch.py."""
+def test_dry_run_plan_equals_the_plan_of_a_real_fit(tmp_path, digits_dir, cli_in_process):
+    """World size 1 here, both through the CLI in this process; world size 2 (drop_last
+    true and false) is compared with the real 2-process fit in test_launch.py."""
     args = [
         "--trainer.max_epochs",
         "2",
@@ -80,32 +80,24 @@ def test_dry_run_plan_equals_the_plan_of_a_real_fit(tmp_path, digits_dir):
         "3",
         "--data.drop_last",
         "true",
+        "--trainer.devices",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
     ]
-    dry = run(
+    status, printed, _ = cli_in_process(
         [
-            *train_cmd("plan", tmp_path / "dry", digits_dir, *args, config="ddp"),
-            "--trainer.devices",
-            "1",
-            "--trainer.accelerator",
-            "cpu",
+            *train_cmd("plan", tmp_path / "dry", digits_dir, *args, config="ddp")[2:],
             "--json",
             "true",
         ]
     )
-    dry_plan = json.loads(dry.stdout[dry.stdout.index("{") :])
-    run(
-        train_cmd(
-            "fit",
-            tmp_path / "fit",
-            digits_dir,
-            *args,
-            "--trainer.devices",
-            "1",
-            "--trainer.accelerator",
-            "cpu",
-            config="ddp",
-        )
+    assert status == 0
+    dry_plan = json.loads(printed[printed.index("{") :])
+    status, _, stderr = cli_in_process(
+        train_cmd("fit", tmp_path / "fit", digits_dir, *args, config="ddp")[2:]
     )
+    assert status == 0, stderr[-2000:]
     assert load_plan(tmp_path / "fit") == dry_plan
 
 

@@ -152,7 +152,7 @@ def test_killed_checkpoint_writer_leaves_previous_checkpoint_loadable(tmp_path):
         "    io.save_checkpoint({'step': step, 'w': torch.full((4_000_000,), float(step))}, sys.argv[1])\n"
         "    print(step, flush=True)\n"
     )
-    for attempt in range(5):
+    for attempt in range(3):
         proc = subprocess.Popen(
             [os.environ.get("PYTHON", __import__("sys").executable), "-c", script, str(target)],
             stdout=subprocess.PIPE,
@@ -166,7 +166,7 @@ def test_killed_checkpoint_writer_leaves_previous_checkpoint_loadable(tmp_path):
         checkpoint = torch.load(target, weights_only=True)
         assert torch.equal(checkpoint["w"], torch.full((4_000_000,), float(checkpoint["step"])))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
-    assert len(leftovers) <= 5  # temp files of killed writes never carry the final name
+    assert len(leftovers) <= 3  # temp files of killed writes never carry the final name
 
 
 @pytest.mark.ddp
