@@ -79,7 +79,8 @@ def epoch_orders(run_dir: Path, rank: int = 0) -> list[list[int]]:
 @pytest.mark.parametrize(
     "world_size,num_workers",
     [
-        (1, 0),
+        # by default: test_user_module's SIGKILL resume (a docs-style module, one process)
+        pytest.param(1, 0, marks=pytest.mark.slow),
         pytest.param(1, 2, marks=pytest.mark.slow),
         # world size 2: test_ddp_padded_rank_resumes_exactly_... covers DDP resume by default
         pytest.param(2, 0, marks=[pytest.mark.ddp, pytest.mark.slow]),

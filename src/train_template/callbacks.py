@@ -142,8 +142,10 @@ class SampleIdRecorder(Callback):
         if not self._plan_written:
             self._write_plan(trainer)
         # The LR the optimizer step of this batch's window uses: the scheduler only
-        # steps after on_train_batch_end of the window's last batch.
+        # steps after on_train_batch_end of the window's last batch. The step this batch
+        # trains for is the count of steps done before it (any layout, any accumulation).
         self._lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self._step = trainer.global_step
 
     def on_train_batch_end(
         self,
@@ -157,6 +159,7 @@ class SampleIdRecorder(Callback):
             "epoch": trainer.current_epoch,
             "batch_idx": batch_idx,
             "global_step": trainer.global_step,
+            "step": self._step,
             "lr": self._lr,
             "ids": batch["index"].tolist(),
         }

@@ -160,6 +160,16 @@ RESUME_KEYS = (
     "max_steps",
     "warmup_steps",
 )
+# In the global sample order (--data.elastic) the layout may change: the run's global
+# batch, its epochs and its schedule must not.
+ELASTIC_RESUME_KEYS = (
+    "data_order",
+    "global_batch_size",
+    "steps_per_epoch",
+    "samples_per_epoch",
+    "max_steps",
+    "warmup_steps",
+)
 
 
 def make_plan(
@@ -368,8 +378,9 @@ def resume_changes(saved: dict, current: TrainingPlan) -> list[str]:
     """What differs between a checkpoint's plan and this launch's, in ``RESUME_KEYS``
     order; data settings and the batch size are named as their ``--data.*`` options."""
     now = current.to_dict()
+    elastic = saved.get("data_order", {}).get("elastic") and now["data_order"].get("elastic")
     changes = []
-    for key in RESUME_KEYS:
+    for key in ELASTIC_RESUME_KEYS if elastic else RESUME_KEYS:
         if key not in saved or saved[key] == now[key]:
             continue
         if key == "data_order":

@@ -91,11 +91,13 @@ def plan_run(
     distributed_sampler: bool = True,
 ) -> TrainingPlan:
     """The plan for ``source`` (the data module, or the module that has the loaders)."""
-    layout = train_layout_of(source, world_size, distributed_sampler)
+    layout = train_layout_of(source, world_size, accumulate_grad_batches, distributed_sampler)
     if options.global_batch_size is not None:
         accumulate_grad_batches = accumulation_for(
             options.global_batch_size, world_size, layout.batch_size, accumulate_grad_batches
         )
+        # A global-order layout depends on the accumulation (whole global batches).
+        layout = train_layout_of(source, world_size, accumulate_grad_batches, distributed_sampler)
     length = layout.batches_per_rank
     # A stream without a length has no epochs, unless an int limit_train_batches makes them.
     batches = seam.limited_batches(math.inf if length is None else length, limit_train_batches)
@@ -117,10 +119,12 @@ def plan_run(
     )
 
 
-def train_layout_of(source: Any, world_size: int, distributed_sampler: bool = True) -> TrainLayout:
-    """The data's own ``train_layout(world_size)``, or the measured one."""
+def train_layout_of(
+    source: Any, world_size: int, accumulate_grad_batches: int = 1, distributed_sampler: bool = True
+) -> TrainLayout:
+    """The data's own ``train_layout(world_size, accumulate_grad_batches)``, or the measured one."""
     if callable(getattr(source, "train_layout", None)):
-        return source.train_layout(world_size)
+        return source.train_layout(world_size, accumulate_grad_batches=accumulate_grad_batches)
     return measured_layout(source, world_size, distributed_sampler)
 
 
@@ -167,6 +171,12 @@ def plan_of_trainer(
     # Lightning reads this attribute at every batch; set before the loop starts.
     trainer.accumulate_grad_batches = plan.accumulate_grad_batches
     return plan
+
+
+def is_elastic(plan: dict | TrainingPlan) -> bool:
+    """A plan in the global sample order (``--data.elastic``): resumable on any layout."""
+    order = plan.get("data_order", {}) if isinstance(plan, dict) else plan.data_order
+    return bool(order.get("elastic"))
 
 
 def check_resume(saved: dict | None, plan: TrainingPlan) -> None:

@@ -73,6 +73,21 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
     return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
 
 
+def rescale_batch_progress(checkpoint: dict, saved_accumulation: int, accumulation: int) -> None:
+    """Lightning's batch counters count micro-batches: a checkpoint resumed with another
+    accumulation (same global batch, another layout) must count in the new unit, or the
+    optimizer would step off its windows and the epoch would end at the wrong batch.
+
+    The counters live under Lightning's loop-state keys (``epoch_loop.batch_progress``);
+    a checkpoint of the global order is taken at a window boundary, so they are whole
+    multiples of the saved accumulation.
+    """
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    for part in ("total", "current"):
+        for key in ("ready", "started", "processed", "completed"):
+            progress[part][key] = progress[part][key] // saved_accumulation * accumulation
+
+
 def checkpoint_progress_of(checkpoint: dict) -> tuple[int, int, int]:
     """(global step, epochs completed, batches completed) from a loaded checkpoint.
 

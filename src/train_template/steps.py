@@ -12,10 +12,14 @@ At **setup** (``fit``, before the checkpoint is restored and before ``configure_
      ``planned_lr_scheduler``): ``estimated_stepping_batches`` is its ``max_steps``;
   2. Lightning's epoch limit becomes the plan's epochs; its step limit waits (seam).
 
-At a **resume** (the checkpoint restored, ``load_state_dict``)
-  3. the checkpoint's plan is compared with this launch's (``plan.RESUME_KEYS``: world
-     size, data settings, batch, accumulation, data size, length, warmup): a change stops
-     the run in one line;
+At a **resume** (the checkpoint restored, ``on_load_checkpoint`` and ``load_state_dict``)
+  3. in the global sample order (``--data.elastic``) the checkpoint's global batch wins:
+     another layout re-derives the accumulation and Lightning's batch counters are
+     rescaled to it;
+     the checkpoint's plan is compared with this launch's (``plan.RESUME_KEYS``: world
+     size, data settings, batch, accumulation, data size, length, warmup; in the global
+     order ``ELASTIC_RESUME_KEYS``: global batch, epochs, length, warmup, data settings):
+     a change stops the run in one line;
   4. every rank's saved RNG states are kept to put back at the first batch.
 
 At **train start** (the loader built and restored)
@@ -26,7 +30,7 @@ At **train start** (the loader built and restored)
 
 At each **epoch start**
   8. litdata's stale restore flag is cleared, so the epoch after a mid-epoch resume is a
-     fresh, reshuffled epoch.
+     fresh, reshuffled epoch; a global-order stream moves to this epoch's order.
 
 At each **batch start**
   9. the first batch after a resume puts back this rank's RNG states (dropout).
@@ -58,6 +62,7 @@ At the **end of the fit**
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +74,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from train_template import seam
 from train_template.checkpointing import gathered_rng_states, restore_rng_states
 from train_template.guards import FiniteGuard
+from train_template.order import GlobalOrderStream
 from train_template.plan import TrainingPlan, accumulation_window_size, format_plan
 from train_template.planning import (
     PlanOptions,
     check_loader,
     check_resume,
     check_stream_lasted,
+    is_elastic,
     plan_of_trainer,
 )
 from train_template.preemption import PreemptionOptions, PreemptionSave
@@ -134,6 +141,29 @@ class RunMachinery(Callback):
         trainer.training_plan = self.plan
         seam.release_step_limit(trainer, self.plan.epochs or 1)  # a stream: one pass
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # In the global sample order the run's global batch is the invariant: another
+        # layout re-derives the accumulation from it, before configure_optimizers and
+        # before Lightning restores its batch counters (rescaled to the new accumulation).
+        saved = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("plan")
+        plan = self.plan
+        if not (saved and plan is not None and is_elastic(saved) and is_elastic(plan)):
+            return
+        if saved["global_batch_size"] != plan.global_batch_size:
+            trainer.accumulate_grad_batches = 1  # derived from the checkpoint's global batch
+            options = dataclasses.replace(
+                self.options, global_batch_size=saved["global_batch_size"]
+            )
+            self.plan = plan_of_trainer(trainer, pl_module, options)
+            trainer.training_plan = self.plan
+            seam.release_step_limit(trainer, self.plan.epochs or 1)
+        if saved["accumulate_grad_batches"] != self.plan.accumulate_grad_batches:
+            seam.rescale_batch_progress(
+                checkpoint, saved["accumulate_grad_batches"], self.plan.accumulate_grad_batches
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.plan is not None:
             check_resume(state_dict.get("plan"), self.plan)
@@ -157,7 +187,11 @@ class RunMachinery(Callback):
     # -- every epoch and step (8-15) ------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        seam.clear_stale_restore(trainer.train_dataloader)
+        loader = trainer.train_dataloader
+        seam.clear_stale_restore(loader)
+        stream = getattr(loader, "dataset", None)
+        if isinstance(stream, GlobalOrderStream):  # the global order of this epoch
+            stream.set_epoch(seam.epochs_started(trainer))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

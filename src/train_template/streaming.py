@@ -39,12 +39,15 @@ from litdata import StreamingDataLoader, StreamingDataset
 from train_template import seam
 from train_template.errors import UserError
 from train_template.even_batches import EvenBatchesLoader
+from train_template.order import GlobalOrder, GlobalOrderLoader, GlobalOrderStream
 from train_template.plan import TrainLayout
 from train_template.shards import SPLITS
 
 # The settings that fix which samples come in which order (with batch_size, which the
 # plan holds anyway); a resume must keep them (plan.RESUME_KEYS).
 ORDER_SETTINGS = ("shuffle", "drop_last", "seed", "num_workers")
+# In the global order the workers only share the work: any count gives the same stream.
+ELASTIC_ORDER_SETTINGS = ("shuffle", "drop_last", "seed", "elastic")
 
 
 class StreamingDataModule(pl.LightningDataModule):
@@ -69,6 +72,7 @@ class StreamingDataModule(pl.LightningDataModule):
         drop_last: bool = False,
         seed: int = 42,
         predict_split: str = "test",
+        elastic: bool = False,
     ) -> None:
         """
         Args:
@@ -80,6 +84,9 @@ class StreamingDataModule(pl.LightningDataModule):
             drop_last: Drop the last, incomplete batch of each rank's training epoch.
             seed: Seed of the training shuffle (litdata adds the epoch to it).
             predict_split: Which split ``predict`` runs on.
+            elastic: Train in one sample order defined over global positions
+                (``order.GlobalOrder``): every optimizer step trains on the same samples on
+                any layout, so a checkpoint resumes on another number of devices or nodes.
         """
         super().__init__()
         if batch_size < 1:
@@ -95,6 +102,7 @@ class StreamingDataModule(pl.LightningDataModule):
         self.drop_last = drop_last
         self.seed = seed
         self.predict_split = predict_split
+        self.elastic = elastic
         self.datasets: dict[str, StreamingDataset] = {}
         self._layout: TrainLayout | None = None  # of the current world size, from setup
 
@@ -229,7 +237,9 @@ class StreamingDataModule(pl.LightningDataModule):
         """Turn a list of samples into a batch (torch's default collate here)."""
         return torch.utils.data.default_collate(samples)
 
-    def train_dataloader(self) -> StreamingDataLoader | EvenBatchesLoader:
+    def train_dataloader(self) -> StreamingDataLoader | EvenBatchesLoader | GlobalOrderLoader:
+        if self.elastic:
+            return self._global_order_loader()
         loader = self._loader("train")
         if self.trainer is not None:
             # StreamingDataLoader counts epochs itself (+1 per iteration) and shuffles with
@@ -247,6 +257,43 @@ class StreamingDataModule(pl.LightningDataModule):
             split_size=self.split_size("train"),
         )
 
+    def global_order(self, world_size: int, batch_size: int, accumulate: int) -> GlobalOrder:
+        return GlobalOrder(
+            self.split_size("train"),
+            world_size * batch_size * accumulate,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+        )
+
+    def _global_order_loader(self) -> GlobalOrderLoader:
+        """This rank's share of the global order, from the trainer's step (a resume on
+        any layout continues at the same global position)."""
+        trainer = self.trainer
+        world_size, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        order = self.global_order(world_size, self.batch_size, accumulate)
+        epoch = seam.epochs_started(trainer)
+        start = trainer.global_step - epoch * order.steps_per_epoch
+        if order.steps_per_epoch and start >= order.steps_per_epoch:
+            epoch, start = epoch + start // order.steps_per_epoch, start % order.steps_per_epoch
+        stream = GlobalOrderStream(
+            self.datasets["train"],
+            order,
+            world_size,
+            trainer.global_rank,
+            self.batch_size,
+            self.collate,
+            epoch=epoch,
+            start_step=max(0, start),
+        )
+        return GlobalOrderLoader(
+            stream,
+            batch_size=None,  # the stream yields whole micro-batches
+            num_workers=self.num_workers,
+            collate_fn=_as_is,
+            pin_memory=isinstance(trainer.accelerator, CUDAAccelerator),
+        )
+
     def val_dataloader(self) -> StreamingDataLoader:
         return self._loader("val")
 
@@ -256,7 +303,7 @@ class StreamingDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> StreamingDataLoader:
         return self._loader(self.predict_split)
 
-    def train_layout(self, world_size: int) -> TrainLayout:
+    def train_layout(self, world_size: int, accumulate_grad_batches: int = 1) -> TrainLayout:
         """What each rank's own train loader yields at ``world_size`` (the plan's input).
 
         It asks litdata itself (its shuffler's length under each rank's view) and turns
@@ -265,6 +312,20 @@ class StreamingDataModule(pl.LightningDataModule):
         too. The counts are the same every epoch: litdata's single-node assignment only
         permutes which chunks go where.
         """
+        if self.elastic:  # every rank: whole global batches of the global order
+            order = self.global_order(world_size, self.batch_size, accumulate_grad_batches)
+            batches = order.steps_per_epoch * accumulate_grad_batches
+            distinct = min(order.num_samples, order.steps_per_epoch * order.global_batch_size)
+            shares = [
+                distinct // world_size + (r < distinct % world_size) for r in range(world_size)
+            ]
+            return TrainLayout(
+                batch_size=self.batch_size,
+                rank_batches=(batches,) * world_size,
+                rank_samples=tuple(shares),
+                tokens_per_sample=getattr(self, "tokens_per_sample", None),
+                order=tuple((name, getattr(self, name)) for name in ELASTIC_ORDER_SETTINGS),
+            )
         if self._layout is not None and self._layout.world_size == world_size:
             return self._layout
         # One process needs no other rank's view: its own dataset answers. Other world
@@ -285,3 +346,7 @@ class StreamingDataModule(pl.LightningDataModule):
             tokens_per_sample=getattr(self, "tokens_per_sample", None),
             order=tuple((name, getattr(self, name)) for name in ORDER_SETTINGS),
         )
+
+
+def _as_is(batch: Any) -> Any:
+    return batch

@@ -1,0 +1,103 @@
+"""Elastic resume in the global sample order (``--data.elastic true``): a run killed with
+SIGKILL after a mid-epoch checkpoint and relaunched on another number of processes
+continues with the same global batch (accumulation re-derived), and every later optimizer
+step, through the next epoch, trains on the same set of samples with the same LR as the
+uninterrupted run; the step count is the same. Real processes: gloo DDP on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CPU_DDP, kill_after_checkpoint, run, train_cmd, write_shards
+
+from train_template.order import GlobalOrder
+
+pytestmark = pytest.mark.ddp
+
+BATCH = 8
+ELASTIC = [
+    "--data.elastic", "true",
+    "--data.batch_size", str(BATCH),
+    "--trainer.max_epochs", "2",
+    "--trainer.precision", "32-true",
+    "--checkpoint.every_n_train_steps", "3",
+]  # fmt: skip
+ONE_RANK = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+
+
+def audited(run_dir: Path, data: Path, audit: Path, *args: str) -> list[str]:
+    overlay = audit.with_suffix(".yaml")
+    overlay.write_text(
+        "trainer:\n  callbacks:\n    - class_path: train_template.callbacks.SampleIdRecorder\n"
+        f"      init_args: {{out_dir: {audit}}}\n"
+    )
+    return [
+        *train_cmd("fit", run_dir, data, *ELASTIC, *args, config="ddp"),
+        "--config",
+        str(overlay),
+    ]
+
+
+def steps_of(*audits: Path) -> dict[tuple[int, int], tuple[list[int], float]]:
+    """(epoch, step) -> (sorted sample ids of all ranks, LR); later audits win a step."""
+    steps: dict[tuple[int, int], tuple[list[int], float]] = {}
+    for audit in audits:
+        found: dict[tuple[int, int], tuple[list[int], float]] = {}
+        for path in sorted(audit.glob("samples-rank*.jsonl")):
+            for record in map(json.loads, path.read_text().splitlines()):
+                key = (record["epoch"], record["step"])
+                found.setdefault(key, ([], record["lr"]))[0].extend(record["ids"])
+        steps.update({key: (sorted(ids), lr) for key, (ids, lr) in found.items()})
+    return steps
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, on one process (the order is the same on every layout)."""
+    root = tmp_path_factory.mktemp("elastic")
+    data = write_shards(root / "data", 203)
+    reference = audited(
+        root / "reference", data, root / "reference-audit", *ONE_RANK,
+        "--plan.global_batch_size", "16",  # the killed runs' global batch: 2 ranks x 8
+    )  # fmt: skip
+    run(reference)
+    return data, steps_of(root / "reference-audit")
+
+
+@pytest.mark.parametrize(
+    "before,after",
+    [
+        (CPU_DDP, ONE_RANK),
+        pytest.param(
+            [*ONE_RANK, "--trainer.accumulate_grad_batches", "2"], CPU_DDP, marks=pytest.mark.slow
+        ),
+    ],
+    ids=["2-to-1", "1-to-2"],
+)
+def test_a_resume_on_another_world_size_trains_every_step_on_the_same_samples(
+    tmp_path, reference, before, after
+):
+    data, expected = reference
+    run_dir = tmp_path / "run"
+    killed_at = kill_after_checkpoint(
+        audited(run_dir, data, tmp_path / "first", *before), run_dir, 5
+    )
+    resumed = run(audited(run_dir, data, tmp_path / "second", *after, "--ckpt_path", "last"))
+    output = resumed.stdout + resumed.stderr
+    assert "global batch size              16" in output  # kept: accumulation re-derived
+    steps = steps_of(tmp_path / "first", tmp_path / "second")
+    assert steps.keys() == expected.keys()
+    assert min(key for key in steps_of(tmp_path / "second")) <= (0, killed_at)  # mid-epoch
+    for key, (ids, lr) in expected.items():
+        assert steps[key][0] == ids, key  # the same samples ...
+        assert steps[key][1] == pytest.approx(lr, rel=1e-12), key  # ... and the same LR
+    # The real loader trains the pure order: step s of epoch e is its window of positions.
+    order = GlobalOrder(203, 16, seed=42)
+    for (epoch, step), (ids, _) in expected.items():
+        assert ids == sorted(order.step_samples(epoch, step - epoch * order.steps_per_epoch))
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2 * order.steps_per_epoch
