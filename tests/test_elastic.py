@@ -79,7 +79,7 @@ def reference(tmp_path_factory):
     ids=["2-to-1", "1-to-2"],
 )
 def test_a_resume_on_another_world_size_trains_every_step_on_the_same_samples(
-    tmp_path, reference, before, after
+    tmp_path, reference, before, after, cli_in_process
 ):
     data, expected = reference
     run_dir = tmp_path / "run"
@@ -101,3 +101,15 @@ def test_a_resume_on_another_world_size_trains_every_step_on_the_same_samples(
         assert ids == sorted(order.step_samples(epoch, step - epoch * order.steps_per_epoch))
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2 * order.steps_per_epoch
+
+    # The plan a resume on 4 devices of batch 4 would use: the run's global batch of 16.
+    status, printed, stderr = cli_in_process(
+        [
+            *train_cmd("plan", run_dir, data, *ELASTIC, config="ddp")[2:],
+            *["--trainer.devices", "4", "--data.batch_size", "4", "--ckpt_path", "last"],
+        ]
+    )
+    assert status == 0, stderr[-2000:]
+    assert f"at global step {2 * order.steps_per_epoch} (epoch 2, step 0)" in printed
+    assert "global batch size              16" in printed
+    assert "accumulate grad batches        1" in printed

@@ -91,6 +91,12 @@ class TemplateCLI(CLISeam):
     def add_extra_subcommand_arguments(self, name: str, parser: LightningArgumentParser) -> None:
         parser.add_argument("--json", type=bool, default=False, help="Print the plan as JSON.")
         parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="Plan a resume of this checkpoint (last, auto or a file) at this world size.",
+        )
+        parser.add_argument(
             "--lr_curve", type=str | None, default=None, help="Save the LR curve to this PNG file."
         )
 

@@ -3,13 +3,16 @@
 It calls the same ``planning.plan_run`` a fit calls at setup, with the config's numbers
 instead of a Trainer's: a data module with ``train_layout(world_size)`` (as
 ``StreamingDataModule``, with litdata's own length rule) is asked, any other is measured
-as Lightning's ``DistributedSampler`` would split it. ``--lr_curve`` calls the module's own
+as Lightning's ``DistributedSampler`` would split it. ``--ckpt_path`` prints the plan a resume of that checkpoint would use at the given world
+size (in the global sample order: its global batch, the accumulation re-derived) and the
+step it continues from, or the one-line refusal a fit would give. ``--lr_curve`` calls the module's own
 ``configure_optimizers`` under a real (unlaunched) Trainer that holds the plan and steps
 its scheduler, so it draws the curve any module (OneCycleLR included) would follow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Any
@@ -18,7 +21,7 @@ from train_template import seam
 from train_template.errors import UserError
 from train_template.launch import requested_world_size
 from train_template.plan import TrainingPlan, format_plan
-from train_template.planning import PlannedTrainer, plan_run
+from train_template.planning import PlannedTrainer, check_resume, is_elastic, plan_run
 from train_template.report import draw_lr
 from train_template.schedule import LRSchedule, is_planned_scheduler
 
@@ -36,18 +39,32 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
     max_epochs = trainer.max_epochs
     if max_epochs is None:  # Lightning's own default
         max_epochs = 1000 if trainer.max_steps == -1 else -1
+    options, accumulate, resumed = config_init.plan, trainer.accumulate_grad_batches, None
+    if config.ckpt_path:  # the plan a resume of this checkpoint would use
+        resumed = resumed_from(config.ckpt_path, config.checkpoint.dirpath)
+        saved = resumed["plan"]
+        if is_elastic(saved):  # the checkpoint's global batch wins on any layout
+            options = dataclasses.replace(options, global_batch_size=saved["global_batch_size"])
+            accumulate = 1
     plan = plan_run(
         datamodule if datamodule is not None else model,
         world_size=world_size,
         num_nodes=num_nodes,
-        accumulate_grad_batches=trainer.accumulate_grad_batches,
+        accumulate_grad_batches=accumulate,
         limit_train_batches=trainer.limit_train_batches,
         max_epochs=max_epochs,
         max_steps=trainer.max_steps,
-        options=config_init.plan,
+        options=options,
         schedule=config_init.lr_schedule,
         distributed_sampler=trainer.use_distributed_sampler,
     )
+    if resumed is not None:
+        check_resume(resumed["plan"], plan)  # the same one-line refusal a fit would give
+        step = resumed["global_step"]
+        where = ""
+        if plan.steps_per_epoch:
+            where = f" (epoch {step // plan.steps_per_epoch}, step {step % plan.steps_per_epoch})"
+        print(f"resuming {resumed['path']} at global step {step}{where}")
     if config.json:
         print(plan.to_json())
     optimizers, schedulers = configured(plan, config_init.lr_schedule, model)
@@ -56,6 +73,22 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
         print(format_plan(plan, planned_schedule=planned))
     if config.lr_curve:
         save_lr_curve(plan, optimizers, schedulers, config.lr_curve)
+
+
+def resumed_from(ckpt_path: str, checkpoint_dir: str) -> dict:
+    """The saved plan and global step of ``--ckpt_path`` (``last``/``auto``/a file)."""
+    import torch
+
+    from train_template.checkpointing import resolve_ckpt_path
+
+    path = resolve_ckpt_path(ckpt_path, checkpoint_dir, announce=lambda *_: None)
+    if path is None:
+        raise UserError(f"--ckpt_path {ckpt_path}: there is no checkpoint in {checkpoint_dir}")
+    checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    saved = checkpoint.get("callbacks", {}).get("RunMachinery", {}).get("plan")
+    if saved is None:
+        raise UserError(f"--ckpt_path {path}: the checkpoint holds no training plan")
+    return {"path": path, "plan": saved, "global_step": int(checkpoint["global_step"])}
 
 
 def configured(plan: TrainingPlan, schedule: LRSchedule, model: Any) -> tuple[list, list]:

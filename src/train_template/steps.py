@@ -73,6 +73,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from train_template import seam
 from train_template.checkpointing import gathered_rng_states, restore_rng_states
+from train_template.errors import UserError
 from train_template.guards import FiniteGuard
 from train_template.order import GlobalOrderStream
 from train_template.plan import TrainingPlan, accumulation_window_size, format_plan
@@ -151,12 +152,20 @@ class RunMachinery(Callback):
         plan = self.plan
         if not (saved and plan is not None and is_elastic(saved) and is_elastic(plan)):
             return
-        if saved["global_batch_size"] != plan.global_batch_size:
+        # A global batch stated now that differs is refused below (check_resume).
+        stated = self.options.global_batch_size is not None
+        if saved["global_batch_size"] != plan.global_batch_size and not stated:
             trainer.accumulate_grad_batches = 1  # derived from the checkpoint's global batch
             options = dataclasses.replace(
                 self.options, global_batch_size=saved["global_batch_size"]
             )
-            self.plan = plan_of_trainer(trainer, pl_module, options)
+            try:
+                self.plan = plan_of_trainer(trainer, pl_module, options)
+            except UserError as error:
+                raise UserError(
+                    f"resuming this run's global batch of {saved['global_batch_size']} "
+                    f"(checkpoint) at world size {trainer.world_size}: {error}"
+                ) from None
             trainer.training_plan = self.plan
             seam.release_step_limit(trainer, self.plan.epochs or 1)
         if saved["accumulate_grad_batches"] != self.plan.accumulate_grad_batches:
