@@ -119,6 +119,7 @@ def cli_in_process(monkeypatch, capsys):
             monkeypatch.setenv(name, value)
         handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
         capsys.readouterr()
+        environ = dict(os.environ)  # Lightning writes MASTER_PORT & co. into it
         status = 0
         try:
             main(args)  # any exception but the CLI's own exit is a traceback: the test fails
@@ -127,6 +128,12 @@ def cli_in_process(monkeypatch, capsys):
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+            os.environ.clear()
+            os.environ.update(environ)
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()  # it would hold its port for later DDP runs
         captured = capsys.readouterr()
         return status, captured.out, captured.err
 
