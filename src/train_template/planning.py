@@ -93,11 +93,13 @@ def plan_run(
     """The plan for ``source`` (the data module, or the module that has the loaders)."""
     layout = train_layout_of(source, world_size, accumulate_grad_batches, distributed_sampler)
     if options.global_batch_size is not None:
-        accumulate_grad_batches = accumulation_for(
+        derived = accumulation_for(
             options.global_batch_size, world_size, layout.batch_size, accumulate_grad_batches
         )
-        # A global-order layout depends on the accumulation (whole global batches).
-        layout = train_layout_of(source, world_size, accumulate_grad_batches, distributed_sampler)
+        if derived != accumulate_grad_batches:
+            # A global-order layout depends on the accumulation (whole global batches).
+            layout = train_layout_of(source, world_size, derived, distributed_sampler)
+        accumulate_grad_batches = derived
     length = layout.batches_per_rank
     # A stream without a length has no epochs, unless an int limit_train_batches makes them.
     batches = seam.limited_batches(math.inf if length is None else length, limit_train_batches)
