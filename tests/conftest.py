@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -229,3 +230,55 @@ def assert_same_weights(reference: Path, resumed: Path) -> dict:
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
     return b
+
+
+def fit_args(run_dir: Path, data: Path, *extra: str) -> list[str]:
+    cmd = train_cmd(
+        "fit",
+        run_dir,
+        data,
+        "--config",
+        str(recorder_config(run_dir)),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_epochs",
+        "2",
+        "--data.batch_size",
+        "8",
+        "--data.drop_last",
+        "true",  # litdata trims every rank to whole batches (padding: the uneven test)
+        *extra,
+        config="ddp",
+    )
+    return cmd[2:]  # without python and train.py: launchers add their own
+
+
+def assert_each_sample_once_per_epoch(run_dir: Path, num_train: int, world_size: int) -> dict:
+    plans = [
+        json.loads(p.read_text()) for p in sorted((run_dir / "samples").glob("plan-rank*.json"))
+    ]
+    assert len(plans) == world_size and all(plan == plans[0] for plan in plans)
+    plan = plans[0]
+    records = read_samples(run_dir)
+    for epoch in range(plan["epochs"]):
+        per_rank = [
+            [
+                i
+                for (r, e, _), rec in sorted(records.items())
+                if r == rank and e == epoch
+                for i in rec["ids"]
+            ]
+            for rank in range(world_size)
+        ]
+        assert all(len(ids) == plan["batches_per_epoch"] * 8 for ids in per_rank)
+        union = set().union(*map(set, per_rank))
+        assert sum(map(len, per_rank)) == len(union), "ranks overlap"
+        assert len(union) == plan["samples_per_epoch"] and union <= set(range(num_train))
+        assert num_train - len(union) < world_size * 8  # drop_last drops less than a batch per rank
+    return plan
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -10,6 +10,7 @@ any of them. Options beyond the Trainer's, model's and DataModule's own:
 - ``--plan.*``: the training plan's own inputs (``max_samples``, ``max_tokens``).
 - ``--lr_schedule.*``: the whole LR curve, warmup included (``schedule.LRSchedule``).
 - ``--preemption.*``: how often several processes agree on a SIGUSR1/SIGTERM.
+- ``--distributed.timeout_s``: the longest a rank waits for a lost peer (``distributed``).
 
 ``configs/default.yaml`` is the base of every run (the embedded default); a ``--config``
 overlays it, so ``configs/ddp.yaml`` says only what DDP changes.
@@ -33,12 +34,13 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from train_template import launch
 from train_template.checkpointing import RunCheckpoint, resolve_ckpt_path
+from train_template.distributed import DistributedOptions, lost_peer_line
 from train_template.errors import UserError
 from train_template.planning import PlannedTrainer, PlanOptions
 from train_template.preemption import PreemptionOptions
 from train_template.quiet import silence_known_messages
 from train_template.schedule import LRSchedule
-from train_template.seam import CLISeam
+from train_template.seam import CLISeam, set_collective_timeout
 from train_template.steps import template_callbacks
 
 # The embedded example, named (not imported) so that the machinery never depends on it:
@@ -82,6 +84,7 @@ class TemplateCLI(CLISeam):
         parser.add_class_arguments(PlanOptions, "plan")
         parser.add_class_arguments(LRSchedule, "lr_schedule")
         parser.add_class_arguments(PreemptionOptions, "preemption")
+        parser.add_class_arguments(DistributedOptions, "distributed")
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
         parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
 
@@ -117,6 +120,11 @@ class TemplateCLI(CLISeam):
             raise UserError(
                 f"--trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: must be at least 1"
             )
+        if not config.distributed.timeout_s > 0:
+            raise UserError(
+                f"--distributed.timeout_s={config.distributed.timeout_s}: must be a positive "
+                "number of seconds (the longest a rank waits for a peer)"
+            )
         if trainer.logger in (None, True):
             trainer.logger = default_loggers(root)
         if self.subcommand != "plan":  # the dry run writes nothing and starts no processes
@@ -151,7 +159,9 @@ class TemplateCLI(CLISeam):
                 predict=self.subcommand == "predict",
             ),
         ]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        set_collective_timeout(trainer.strategy, init.distributed.timeout_s)
+        return trainer
 
     def before_fit(self) -> None:
         if self.config["fit"].get("ckpt_path") is None:
@@ -227,6 +237,10 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs[subcommand] = {"default_config_files": [str(BASE_CONFIG)]}
     try:
         TemplateCLI(args=args, parser_kwargs=parser_kwargs)
+        end_process_group()
+    except SystemExit:
+        end_process_group()  # a preemption save: every rank agreed and left at one step
+        raise
     except UserError as error:
         _fail(str(error))
     except MisconfigurationException as error:  # Lightning's own "fix your settings" errors
@@ -238,6 +252,12 @@ def main(args: list[str] | None = None) -> None:
             raise
         _fail(parser_error_line(str(error)))
     except RuntimeError as error:
+        lost = lost_peer_line(error)
+        if lost:
+            # The group cannot be closed without the lost peer: leave without waiting.
+            sys.stdout.flush()
+            print(_error_line(lost), file=sys.stderr, flush=True)
+            os._exit(1)
         # torch's strict load_state_dict lists every key over many lines: name the first.
         if "Error(s) in loading state_dict" not in str(error):
             raise
@@ -250,6 +270,21 @@ def main(args: list[str] | None = None) -> None:
         if type(error).__name__ == "ArgumentError":
             _fail(with_renamed_hint(parser_error_line(str(error))))
         raise
+
+
+def end_process_group() -> None:
+    """Close the process group of a finished run before the interpreter shuts down.
+
+    Lightning leaves it open. Left to interpreter finalization, gloo's worker threads can
+    still hold tensors whose release needs the GIL that is being torn down: the process
+    aborts ("terminate called without an active exception", exit 134) after a run that
+    trained to the end, and SLURM marks the job FAILED. Only on success: after an error
+    some ranks may still sit in a collective, and destroying the group would wait on them.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def with_renamed_hint(line: str) -> str:
@@ -294,8 +329,11 @@ def parser_error_line(message: str) -> str:
     return line if len(line) < 400 else line[:397] + "..."
 
 
-def _fail(message: str) -> None:
+def _error_line(message: str) -> str:
     rank = launch.global_rank_from_env()
-    prefix = "error" if rank == 0 else f"error (rank {rank})"
-    print(f"{prefix}: {message}", file=sys.stderr)
+    return f"{'error' if rank == 0 else f'error (rank {rank})'}: {message}"
+
+
+def _fail(message: str) -> None:
+    print(_error_line(message), file=sys.stderr)
     sys.exit(2)

@@ -17,6 +17,25 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+# -- Lightning: the process group -----------------------------------------------------
+
+
+def set_collective_timeout(strategy: Any, seconds: float) -> bool:
+    """The process group's timeout on an instantiated strategy; False when it has none.
+
+    DDP, FSDP, ModelParallel and DeepSpeed (lightning 2.6.6) take ``timeout`` only in
+    ``__init__`` and keep it as ``_timeout`` until ``setup_environment`` opens the group;
+    a strategy given by name (``strategy: ddp``) is built by the Trainer, so setting it
+    after the Trainer is made is the one place that serves every way of naming it.
+    """
+    from datetime import timedelta
+
+    if not hasattr(strategy, "_timeout"):
+        return False  # one process: no group, nothing to wait for
+    strategy._timeout = timedelta(seconds=seconds)
+    return True
+
+
 # -- Lightning: the training loop's length ------------------------------------------
 
 

@@ -1,0 +1,282 @@
+"""Real clusters for the launch tests: two hosts in network namespaces, and a SLURM
+cluster of two emulated nodes run by Debian's real daemons.
+
+Both are context managers that stop what they started by its id (process ids,
+namespace names) also when the test fails. Set-up times on the 2-core VM: the hosts
+~0.1 s, the SLURM cluster ~2 s (plus ~8 s of apt-get the first time on a machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def stop_group(process: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL, to the process group a test started (its id: the pid)."""
+    if process.poll() is not None:
+        return
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Host:
+    """One host: a network namespace with one end of the veth pair."""
+
+    def __init__(self, namespace: str, interface: str, address: str) -> None:
+        self.namespace, self.interface, self.address = namespace, interface, address
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, cmd: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:
+        """Start ``cmd`` inside this host, in its own process group, output to ``log``."""
+        env = {**env, "GLOO_SOCKET_IFNAME": self.interface}
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                ["ip", "netns", "exec", self.namespace, *cmd],
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        return process
+
+    def link(self, up: bool) -> None:
+        """Take the link down (a hung node, a dead switch port: packets just stop)."""
+        state = "up" if up else "down"
+        sh("ip", "-n", self.namespace, "link", "set", self.interface, state)
+
+
+@contextlib.contextmanager
+def two_hosts() -> Iterator[list[Host]]:
+    """Two hosts joined by a veth pair: 10.213.0.1 and 10.213.0.2, each with its loopback."""
+    tag = f"tt{os.getpid() % 100000}"
+    hosts = [Host(f"{tag}h{i}", f"{tag}v{i}", f"10.213.0.{i + 1}") for i in range(2)]
+    try:
+        for host in hosts:
+            sh("ip", "netns", "add", host.namespace)
+            sh("ip", "-n", host.namespace, "link", "set", "lo", "up")
+        sh(
+            "ip",
+            "link",
+            "add",
+            hosts[0].interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            hosts[1].interface,
+        )
+        for host in hosts:
+            sh("ip", "link", "set", host.interface, "netns", host.namespace)
+            sh(
+                "ip",
+                "-n",
+                host.namespace,
+                "addr",
+                "add",
+                f"{host.address}/24",
+                "dev",
+                host.interface,
+            )
+            host.link(up=True)
+        yield hosts
+    finally:
+        for host in hosts:
+            for process in host.processes:
+                stop_group(process)
+            sh("ip", "netns", "del", host.namespace, check=False)  # takes the veth with it
+
+
+# -- SLURM -------------------------------------------------------------------------------
+
+NODES = ("n1", "n2")
+FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+SLURM_CONF = """\
+ClusterName=template
+SlurmctldHost=localhost
+SlurmctldPort={ctld_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire=5: a requeued job starts again after ~6 s instead of ~150 s
+AuthInfo=socket={root}/munge/socket,cred_expire=5
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd-%n.log
+MailProg=/bin/true
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SchedulerType=sched/builtin
+# a job whose BeginTime passed (a requeued one) starts within 2 s, not at the next minute
+SchedulerParameters=sched_interval=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+ReturnToService=2
+JobRequeue=1
+MinJobAge=600
+# preemption: SIGTERM, then SIGKILL after KillWait s (the time a preempted job has to save)
+KillWait=30
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={n1_port} CPUs=2
+NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port={n2_port} CPUs=2
+PartitionName=cpu Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=urgent Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+"""
+
+
+def install_slurm() -> None:
+    """Debian's slurm-wlm and munge, when this machine does not have them yet."""
+    if shutil.which("slurmctld") and shutil.which("munged"):
+        return
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, check=True, capture_output=True)
+        subprocess.run(install, env=env, check=True, capture_output=True)
+
+
+def resolvable_node_names() -> None:
+    """The emulated node names resolve (Lightning's SLURM environment takes the first node
+    of SLURM_NODELIST as the main address, as on a real cluster)."""
+    hosts = Path("/etc/hosts")
+    known = hosts.read_text()
+    names = {name for line in known.splitlines() for name in line.split("#")[0].split()[1:]}
+    missing = [node for node in NODES if node not in names]
+    if missing:
+        with hosts.open("a") as out:
+            out.write(f"127.0.0.1 {' '.join(missing)}  # train-template test cluster\n")
+
+
+class SlurmCluster:
+    """munged, slurmctld and one slurmd per emulated node, all on this machine."""
+
+    def __init__(self, root: Path, ports: list[int]) -> None:
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.daemons: list[subprocess.Popen] = []
+        self.ports = ports
+
+    def start(self) -> None:
+        # munged refuses a socket folder (or parent) that others may write to.
+        spools = [self.root / "spool" / node for node in NODES]
+        for folder in (self.root, self.root / "munge", self.root / "state", *spools):
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o755)
+        key = self.root / "munge" / "key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        ctld, n1, n2 = self.ports
+        self.conf.write_text(
+            SLURM_CONF.format(root=self.root, ctld_port=ctld, n1_port=n1, n2_port=n2)
+        )
+        munge = self.root / "munge"
+        self._daemon(
+            "munged",
+            [
+                "munged",
+                "-F",
+                f"--socket={munge}/socket",
+                f"--key-file={key}",
+                f"--pid-file={munge}/pid",
+                f"--seed-file={munge}/seed",
+            ],
+        )
+        self._wait_for(lambda: (munge / "socket").exists(), "munged")
+        self._daemon("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        for node in NODES:
+            self._daemon(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
+        self._wait_for(self._nodes_idle, "slurmd")
+
+    def _daemon(self, name: str, cmd: list[str]) -> None:
+        with open(self.root / f"{name}.out", "w") as out:
+            self.daemons.append(
+                subprocess.Popen(
+                    cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
+
+    def _wait_for(self, ready, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if any(d.poll() is not None for d in self.daemons) or time.monotonic() > deadline:
+                logs = "\n".join(p.read_text()[-2000:] for p in self.root.glob("*.out"))
+                raise RuntimeError(f"{what} did not start:\n{logs}")
+            time.sleep(0.1)
+
+    def _nodes_idle(self) -> bool:
+        out = self.cmd("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.split()
+        states = dict(zip(out[0::2], out[1::2], strict=True))  # one line per node and partition
+        return sorted(states) == sorted(NODES) and set(states.values()) == {"idle"}
+
+    def cmd(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check)
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job``'s fields (JobState, Restarts, ExitCode, ...)."""
+        text = self.cmd("scontrol", "show", "job", "-o", job_id).stdout
+        return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+    def wait_job(self, job_id: str, states: tuple[str, ...], timeout: float) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.get("JobState") in states:
+                return job
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} still {job.get('JobState')}: {job}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        jobs = self.cmd("squeue", "-h", "-o", "%A", check=False).stdout.split()
+        if jobs and all(d.poll() is None for d in self.daemons):
+            self.cmd("scancel", *jobs, check=False)
+            with contextlib.suppress(AssertionError):
+                for job_id in jobs:
+                    self.wait_job(job_id, FINISHED, timeout=60)
+        for daemon in reversed(self.daemons):
+            stop_group(daemon)
+
+
+@contextlib.contextmanager
+def slurm_cluster(ports: list[int]) -> Iterator[SlurmCluster]:
+    """A started cluster; its state lives in a fresh /tmp folder (mode 755: munged
+    refuses a socket folder whose parents others may not read, as pytest's are)."""
+    install_slurm()
+    resolvable_node_names()
+    root = Path(tempfile.mkdtemp(prefix="tt-slurm-"))
+    root.chmod(0o755)
+    cluster = SlurmCluster(root, ports)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""scripts/slurm/train.sbatch on a real SLURM cluster (Debian's slurmctld, two slurmd
+emulating nodes n1 and n2, munge), submitted with sbatch from the repository root as a
+user does: two nodes x one task, SIGUSR1 twice (save at a step boundary -> requeue ->
+resume), a real preemption by a higher-priority partition, and the same weights and
+samples as an uninterrupted job every time.
+
+The cluster (tests/cluster.py) starts in ~1.5 s, plus ~8 s of apt-get the first time
+on a machine; every daemon is stopped by its pid at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cluster import FINISHED, slurm_cluster
+from conftest import (
+    REPO,
+    assert_each_sample_once_per_epoch,
+    assert_same_weights,
+    fit_args,
+    free_port,
+    read_samples,
+    write_shards,
+)
+
+pytestmark = [pytest.mark.ddp, pytest.mark.slurm]
+SCRIPT = REPO / "scripts" / "slurm" / "train.sbatch"
+STEPS = 24  # 203 samples, 2 ranks x 8, drop_last: 12 steps per epoch, 2 epochs
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with slurm_cluster([free_port() for _ in range(3)]) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("slurm-shards"), 203)
+
+
+def submit(cluster, run_dir: Path, shards: Path, *sbatch: str) -> str:
+    """sbatch from the repository root, as the README says; returns the job id."""
+    args = fit_args(run_dir, shards)[1:]  # the script adds "fit" itself
+    config = args.index("--config")
+    script_args = [args[config + 1], *args[:config], *args[config + 2 :]]
+    env = {**cluster.env, "PYTHON": sys.executable, "RUN_DIR": str(run_dir)}
+    result = cluster_run(
+        cluster,
+        ["sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "1", *sbatch],
+        [str(SCRIPT), *script_args],
+        env,
+    )
+    return result.strip().split(";")[0]
+
+
+def cluster_run(cluster, sbatch: list[str], script: list[str], env: dict) -> str:
+    import subprocess
+
+    result = subprocess.run(
+        [*sbatch, *script], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def output_of(job_id: str) -> Path:
+    return REPO / f"slurm-train-template-{job_id}.out"
+
+
+def steps_recorded(run_dir: Path) -> list[int]:
+    path = run_dir / "samples" / "samples-rank0.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
+
+
+def wait_for_step(cluster, job_id: str, run_dir: Path, step: int, timeout: float = 300) -> None:
+    """Until rank 0 has trained past ``step`` in the job's current run."""
+    deadline = time.monotonic() + timeout
+    while not any(s > step for s in steps_recorded(run_dir)):
+        job = cluster.job(job_id)
+        assert job.get("JobState") not in FINISHED, (job, output_of(job_id).read_text()[-3000:])
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+def finish(cluster, job_id: str) -> tuple[dict, str]:
+    job = cluster.wait_job(job_id, FINISHED, timeout=400)
+    out = output_of(job_id)
+    text = out.read_text() if out.exists() else ""
+    out.unlink(missing_ok=True)
+    assert job["JobState"] == "COMPLETED", (job, text[-4000:])
+    return job, text
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("slurm") / "reference"
+    job, text = finish(cluster, submit(cluster, run_dir, shards))
+    assert "(restart 0): 2 node(s) x 1 task(s) on n[1-2]" in text
+    return run_dir
+
+
+def test_sbatch_from_the_repository_trains_on_two_nodes(reference):
+    plan = assert_each_sample_once_per_epoch(reference, 203, 2)
+    assert plan["world_size"] == 2 and plan["num_nodes"] == 2 and plan["max_steps"] == STEPS
+
+
+def test_sigusr1_twice_saves_requeues_and_resumes_exactly(cluster, shards, reference, tmp_path):
+    run_dir = tmp_path / "requeued"
+    job_id = submit(cluster, run_dir, shards)
+    for restart, after_step in ((0, 7), (1, 14)):
+        wait_for_step(cluster, job_id, run_dir, after_step)
+        cluster.cmd("scancel", "-s", "USR1", job_id)  # what --signal=SIGUSR1@90 sends
+        deadline = time.monotonic() + 120
+        while int(cluster.job(job_id).get("Restarts", 0)) == restart:
+            assert time.monotonic() < deadline, cluster.job(job_id)
+            time.sleep(0.1)
+    job, text = finish(cluster, job_id)
+    assert job["Restarts"] == "2" and job["JobId"] == job_id
+    for restart in range(3):
+        assert f"(restart {restart}): 2 node(s) x 1 task(s)" in text
+    assert text.count("SIGUSR1: saved") == 2 and text.count(f"scontrol requeue {job_id}") == 2
+    saved = [
+        int(line.split(" at step ")[1].split(";")[0])
+        for line in text.splitlines()
+        if "SIGUSR1: saved" in line
+    ]
+    assert 7 < saved[0] < saved[1] < STEPS and all(step % 5 == 0 for step in saved)
+    assert_same_weights(reference, run_dir)
+    assert {k: v["ids"] for k, v in read_samples(reference).items()} == {
+        k: v["ids"] for k, v in read_samples(run_dir).items()
+    }
+
+
+def test_a_real_preemption_requeues_and_resumes_exactly(cluster, shards, reference, tmp_path):
+    """A job on the urgent partition (PriorityTier 10) takes both nodes whole: slurmctld
+    requeues the training job (PreemptMode=REQUEUE) and sends its tasks SIGTERM, which
+    saves at the next step boundary within KillWait (30 s), and starts it again when the
+    nodes are free. (With a partition GraceTime SLURM would not requeue a job that ends
+    within the grace time itself; the README says so.)"""
+    run_dir = tmp_path / "preempted"
+    job_id = submit(cluster, run_dir, shards)
+    wait_for_step(cluster, job_id, run_dir, 7)
+    urgent = cluster.cmd(
+        "sbatch",
+        "--parsable",
+        "-p",
+        "urgent",
+        "--nodes",
+        "2",
+        "--exclusive",  # both nodes whole: the training job must make room
+        "--output",
+        os.devnull,
+        "--wrap",
+        "sleep 2",
+    ).stdout.strip()
+    assert cluster.wait_job(urgent, FINISHED, timeout=200)["JobState"] == "COMPLETED"
+    job, text = finish(cluster, job_id)
+    assert job["Restarts"] == "1"
+    assert "SIGTERM: saved" in text and "(restart 1)" in text
+    assert_same_weights(reference, run_dir)
