@@ -59,6 +59,13 @@ class Host:
         self.processes.append(process)
         return process
 
+    def kill(self) -> None:
+        """The host dies: SIGKILL to every process in its namespace (torchrun starts its
+        workers in sessions of their own, so the launcher's process group is not all)."""
+        for pid in sh("ip", "netns", "pids", self.namespace, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
     def link(self, up: bool) -> None:
         """Take the link down (a hung node, a dead switch port: packets just stop)."""
         state = "up" if up else "down"
@@ -103,6 +110,7 @@ def two_hosts() -> Iterator[list[Host]]:
         for host in hosts:
             for process in host.processes:
                 stop_group(process)
+            host.kill()  # what outlived its launcher (a worker of a killed torchrun)
             sh("ip", "netns", "del", host.namespace, check=False)  # takes the veth with it
 
 

@@ -129,6 +129,9 @@ class TemplateCLI(CLISeam):
             trainer.logger = default_loggers(root)
         if self.subcommand != "plan":  # the dry run writes nothing and starts no processes
             check_writable(root)
+            trainer.devices, trainer.num_nodes = launch.torchrun_layout(
+                trainer.devices, trainer.num_nodes
+            )
             launch.check_environment(trainer.devices, trainer.num_nodes)
             launch.check_strategy(trainer.strategy, trainer.accelerator, _cuda_available())
             if launch.in_slurm_job() and not trainer.plugins:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from train_template.errors import UserError
 
@@ -63,6 +64,36 @@ def check_environment(devices, num_nodes: int, environ: Mapping[str, str] = os.e
             f"--trainer.num_nodes = {devices} x {num_nodes} = {want}: make --nproc_per_node x "
             "--nnodes equal to devices x num_nodes"
         )
+
+
+def torchrun_layout(
+    devices, num_nodes: int, environ: Mapping[str, str] = os.environ
+) -> tuple[Any, int]:
+    """Under torchrun with ``--trainer.devices auto``: the launcher's layout.
+
+    torchrun decides how many processes run on how many nodes, and in its elastic mode
+    (``--nnodes 1:2``) a restart after a lost node has fewer. Its workers are told
+    ``LOCAL_WORLD_SIZE`` (processes on this node) and ``GROUP_WORLD_SIZE`` (nodes in the
+    round), so with devices left at ``auto`` they become ``devices`` and ``num_nodes``
+    (a ``--trainer.num_nodes`` other than 1 must agree). Explicit devices are kept and
+    checked by ``check_environment``; outside torchrun nothing changes.
+    """
+    local = environ.get("LOCAL_WORLD_SIZE", "")
+    nodes = environ.get("GROUP_WORLD_SIZE", "")
+    auto = devices in (None, "auto", -1, "-1")
+    if (
+        "TORCHELASTIC_RUN_ID" not in environ
+        or not auto
+        or not (local.isdigit() and nodes.isdigit())
+    ):
+        return devices, num_nodes
+    if num_nodes not in (1, int(nodes)):
+        raise UserError(
+            f"torchrun started {nodes} node(s) but --trainer.num_nodes={num_nodes}: leave "
+            "--trainer.num_nodes out under torchrun (the launcher's --nnodes decides), or "
+            "give --trainer.devices explicitly"
+        )
+    return int(local), int(nodes)
 
 
 def check_strategy(strategy, accelerator, cuda_available: bool) -> None:
