@@ -135,6 +135,17 @@ def test_two_hosts_train_and_a_killed_host_resumes_exactly(hosts, shards, tmp_pa
     }
 
 
+def test_two_hosts_of_two_processes_train_to_the_end(hosts, tmp_path):
+    run_dir = tmp_path / "run"
+    # 4 ranks x 8: litdata gives whole batches per rank, so 16 val samples would leave
+    # three ranks none (refused in one line by the data module).
+    shards = write_shards(tmp_path / "shards", 203, num_val=64, num_test=64)
+    runs = [torchrun(r, 2, run_dir, shards) for r in (0, 1)]
+    assert wait_all(start(hosts, tmp_path, "run", runs), 500) == [0, 0], logs_of(tmp_path, "run")
+    plan = assert_each_sample_once_per_epoch(run_dir, 203, 4)
+    assert plan["num_nodes"] == 2 and plan["world_size"] == 4
+
+
 def test_a_link_down_ends_both_hosts_after_the_timeout(hosts, shards, tmp_path):
     run_dir = tmp_path / "run"
     bounded = ["--distributed.timeout_s", "15"]
@@ -146,3 +157,70 @@ def test_a_link_down_ends_both_hosts_after_the_timeout(hosts, shards, tmp_path):
     assert None not in codes and 0 not in codes, codes
     for log in logs_of(tmp_path, "run"):
         assert_one_line_from_the_worker(log, "no answer from a peer for 15 s")
+
+
+def torchrun_elastic(host: int, run_dir: Path, shards: Path, *extra: str) -> list[str]:
+    """The README's elastic line: 1 to 2 nodes, one restart, c10d rendezvous on host 0.
+    ``--local-addr``: the hosts share one hostname here, which resolves to neither."""
+    conf = f"is_host={'true' if host == 0 else 'false'},last_call_timeout=10"
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1:2", "--nproc_per_node", "1", "--max-restarts", "1",
+        "--local-addr", f"10.213.0.{host + 1}",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{MASTER}:29400", "--rdzv-id", "elastic",
+        "--rdzv-conf", conf,
+        str(REPO / "train.py"), *fit_args(run_dir, shards, *ELASTIC, *extra),
+    ]  # fmt: skip
+
+
+ELASTIC = [
+    "--data.elastic", "true",
+    "--trainer.precision", "32-true",
+    "--checkpoint.every_n_train_steps", "2",
+]  # fmt: skip
+
+
+def steps_of(run_dir: Path) -> dict[tuple[int, int], tuple[list[int], float]]:
+    """(epoch, step) -> (sorted sample ids of all ranks, LR); a later world size's
+    records (the run after the restart) replace an earlier one's for the same step."""
+    by_layout: dict[int, dict] = {}
+    for path in sorted((run_dir / "samples").glob("samples-rank*.jsonl")):
+        for record in map(json.loads, path.read_text().splitlines()):
+            steps = by_layout.setdefault(record["world_size"], {})
+            key = (record["epoch"], record["step"])
+            steps.setdefault(key, ([], record["lr"]))[0].extend(record["ids"])
+    merged: dict = {}
+    for world_size in sorted(by_layout, reverse=True):  # 2 nodes first, then 1
+        merged.update({k: (sorted(ids), lr) for k, (ids, lr) in by_layout[world_size].items()})
+    return merged
+
+
+def test_torchrun_elastic_restarts_on_the_host_left_with_the_same_global_batch(
+    hosts, shards, tmp_path
+):
+    reference = tmp_path / "reference"
+    one = [*ELASTIC, "--trainer.devices", "1", "--plan.global_batch_size", "16"]
+    subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *fit_args(reference, shards, *one)],
+        cwd=REPO, check=True, capture_output=True, timeout=400,
+    )  # fmt: skip
+    run_dir = tmp_path / "run"
+    runs = [torchrun_elastic(h, run_dir, shards, "--ckpt_path", "auto") for h in (0, 1)]
+    processes = start(hosts, tmp_path, "elastic", runs)
+    wait_for_step(run_dir, 9, processes)
+    hosts[1].kill()
+    assert wait_all(processes[:1], 400) == [0], logs_of(tmp_path, "elastic")[0][-5000:]
+    log = logs_of(tmp_path, "elastic")[0]
+    first, second = log.split("Training plan")[1:3]  # before and after the restart
+    assert "world size                     2 (2 node(s) x 1 device(s))" in first
+    assert "world size                     1 (1 node(s) x 1 device(s))" in second
+    assert "accumulate grad batches        2" in second
+    assert (
+        "global batch size              16" in first
+        and "global batch size              16" in second
+    )
+    expected, steps = steps_of(reference), steps_of(run_dir)
+    assert steps.keys() == expected.keys()
+    for key, (ids, lr) in expected.items():
+        assert steps[key][0] == ids, key  # the same samples ...
+        assert steps[key][1] == pytest.approx(lr, rel=1e-12), key  # ... and the same LR

@@ -5,7 +5,6 @@ SLURM runs on a real cluster in test_slurm.py; two hosts over a network in test_
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,44 +48,6 @@ def test_torchrun_two_processes_see_every_sample_once(tmp_path, shards):
     )
     plan = assert_each_sample_once_per_epoch(run_dir, 203, 2)
     assert plan["world_size"] == 2 and plan["max_steps"] == 2 * plan["steps_per_epoch"]
-
-
-@pytest.mark.slow
-def test_torchrun_two_nodes_on_localhost(tmp_path, shards):
-    run_dir, port = tmp_path / "run", free_port()
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--node_rank",
-                str(rank),
-                "--nproc_per_node",
-                "1",
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(port),
-                str(REPO / "train.py"),
-                *fit_args(run_dir, shards, "--trainer.devices", "1", "--trainer.num_nodes", "2"),
-            ],
-            cwd=REPO,
-            # What litdata infers on a multi-node GPU job (world size // GPUs per node);
-            # on CPU it only reads NNODES. Epoch 2 then used to give both nodes the same data.
-            env={**os.environ, "NNODES": "2"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = [node.communicate(timeout=400)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:]
-    plan = assert_each_sample_once_per_epoch(run_dir, 203, 2)
-    assert plan["num_nodes"] == 2
 
 
 @pytest.mark.parametrize(

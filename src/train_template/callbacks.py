@@ -160,6 +160,7 @@ class SampleIdRecorder(Callback):
             "batch_idx": batch_idx,
             "global_step": trainer.global_step,
             "step": self._step,
+            "world_size": trainer.world_size,
             "lr": self._lr,
             "ids": batch["index"].tolist(),
         }

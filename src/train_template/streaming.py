@@ -194,6 +194,8 @@ class StreamingDataModule(pl.LightningDataModule):
         for split in needed:
             if split not in self.datasets:
                 self.datasets[split] = self.make_dataset(split)
+                if split != "train":
+                    self.check_every_rank_evaluates(split)
         if stage != "fit":
             return
         # Every rank's batch count, computed identically on every rank, so they all
@@ -209,6 +211,24 @@ class StreamingDataModule(pl.LightningDataModule):
                 "rank with --data.drop_last true: use a smaller batch size, fewer devices, more "
                 "data, or --data.drop_last false"
             )
+
+    def check_every_rank_evaluates(self, split: str) -> None:
+        """litdata hands each rank whole batches and the rest to the last rank: a small
+        split on many ranks leaves some ranks none, and Lightning stops deep in its loop
+        ("within local rank has zero length"). Say which setting to change instead."""
+        world_size = self.datasets[split].distributed_env.world_size
+        if world_size == 1:
+            return
+        dataset = self.make_dataset(split)  # its own copy: the real one keeps its rank
+        for rank in range(world_size):
+            seam.view_as_rank(dataset, world_size, rank)
+            if seam.samples_of_rank(dataset, self.num_workers, self.batch_size) == 0:
+                raise UserError(
+                    f"the '{split}' split has {self.split_size(split)} samples: litdata gives "
+                    f"each of {world_size} ranks whole batches of --data.batch_size="
+                    f"{self.batch_size}, which leaves rank {rank} none: use a smaller batch "
+                    f"size, fewer devices, or more '{split}' data"
+                )
 
     def _loader(self, split: str, dataset: StreamingDataset | None = None) -> StreamingDataLoader:
         training = split == "train"
