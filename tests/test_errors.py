@@ -275,6 +275,14 @@ CASES = [
         {},
         "--trainer.max_epochs=0 trains nothing",
     ),
+    (
+        "timeout-not-positive",
+        "fresh",
+        "data",
+        ["--distributed.timeout_s 0"],
+        {},
+        "--distributed.timeout_s=0.0: must be a positive number of seconds",
+    ),
 ]
 
 

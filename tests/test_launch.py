@@ -135,3 +135,27 @@ def test_lightning_launcher_uneven_samples_plan_matches_execution(tmp_path, shar
         torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
         == plan["max_steps"]
     )
+
+
+def test_under_torchrun_devices_auto_take_the_launchers_layout():
+    from train_template.errors import UserError
+    from train_template.launch import torchrun_layout
+
+    env = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "3"}
+    assert torchrun_layout("auto", 1, env) == (2, 3)
+    assert torchrun_layout("auto", 3, env) == (2, 3)
+    assert torchrun_layout(4, 1, env) == (4, 1)  # explicit: kept, and checked against WORLD_SIZE
+    assert torchrun_layout("auto", 1, {}) == ("auto", 1)  # not under torchrun
+    with pytest.raises(UserError, match="torchrun started 3 node"):
+        torchrun_layout("auto", 2, env)
+
+
+def test_a_lost_peer_is_named_in_one_line_and_other_errors_are_not():
+    from train_template.distributed import lost_peer_line
+
+    gloo = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 15000ms for recv operation to complete"
+    assert "no answer from a peer for 15 s" in lost_peer_line(RuntimeError(gloo))
+    closed = "[gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.213.0.2]:4711"
+    assert "the peer at 10.213.0.2 closed its connection" in lost_peer_line(RuntimeError(closed))
+    assert lost_peer_line(RuntimeError("CUDA out of memory")) is None
+    assert lost_peer_line(ValueError("Connection reset by peer (gloo)")) is None
