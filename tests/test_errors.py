@@ -283,6 +283,14 @@ CASES = [
         {},
         "--distributed.timeout_s=0.0: must be a positive number of seconds",
     ),
+    (
+        "root-in-object-storage",
+        "fresh",
+        "data",
+        ["--trainer.default_root_dir s3://bucket/run"],
+        {},
+        "checkpoints and logs in object storage are not supported yet",
+    ),
 ]
 
 

@@ -128,6 +128,14 @@ class TemplateCLI(CLISeam):
         if trainer.logger in (None, True):
             trainer.logger = default_loggers(root)
         if self.subcommand != "plan":  # the dry run writes nothing and starts no processes
+            if "://" in root:
+                # The resume machinery (newest complete checkpoint, damaged files kept, no
+                # overwrite) is written for a file system; a URL would silently start over.
+                raise UserError(
+                    f"--trainer.default_root_dir={root}: checkpoints and logs in object "
+                    "storage are not supported yet: use a local or shared-filesystem "
+                    "directory (the data may stay in object storage: --data.data_dir s3://...)"
+                )
             check_writable(root)
             trainer.devices, trainer.num_nodes = launch.torchrun_layout(
                 trainer.devices, trainer.num_nodes

@@ -245,6 +245,29 @@ class CLISeam(LightningCLI):
 # -- litdata ---------------------------------------------------------------------------
 
 
+def allow_plain_http_object_store(environ: Any = None) -> bool:
+    """Let litdata's obstore client reach a plain-``http://`` S3 endpoint.
+
+    litdata 0.2.76 builds every obstore ``S3Store`` with its own ``client_options``
+    (``litdata.streaming.downloader._OBSTORE_CLIENT_OPTIONS``: timeouts and pool size),
+    which replace the ones obstore would read from ``AWS_ALLOW_HTTP``; without
+    ``allow_http`` every chunk read and upload fails ("builder error", ``BadScheme``)
+    while ``index.json`` (read through boto3) works. Adding the one option to that dict
+    when the endpoint is ``http://`` is the narrowest fix; forked loader workers inherit
+    it. HTTPS endpoints are left alone. Reported upstream with the pinned version.
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or ""
+    if not endpoint.startswith("http://"):
+        return False
+    from litdata.streaming import downloader
+
+    downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"
+    return True
+
+
 def view_as_rank(dataset: Any, world_size: int, rank: int) -> Any:
     """Set the rank a ``StreamingDataset`` reads as, always as one node.
 

@@ -10,6 +10,13 @@ Every data preparation (the examples' ``prepare.py``, yours) needs the same four
   once all of them are complete, so a killed preparation never leaves half a dataset;
 - :func:`write_in_process`: litdata's own writer in this process (no worker start-up),
   for small data and test fixtures; ``litdata.optimize`` writes the same format.
+
+``out_dir`` may be a local folder or an object-storage URL (``s3://bucket/prefix``, any
+fsspec URL). For a URL the splits are written into a local staging folder, uploaded
+split by split (s3fs, which honours ``AWS_ENDPOINT_URL`` and plain-http endpoints), and
+``dataset.json`` is written last: it is the "complete" mark, so an upload cut short is
+rebuilt by the next preparation. Object storage has no lock: prepare a bucket's shards
+once (one process) before the jobs that read them.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,9 +35,33 @@ SPLITS = ("train", "val", "test")
 METADATA_FILE = "dataset.json"
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """An object-storage (fsspec) URL rather than a local path."""
+    return "://" in str(path)
+
+
+def url_fs(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the path inside it."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def read_text(path: str | os.PathLike) -> str | None:
+    """A small file's text, local or in object storage; None when it does not exist."""
+    if not is_url(path):
+        return Path(path).read_text() if Path(path).is_file() else None
+    fs, inner = url_fs(str(path))
+    return fs.cat_file(inner).decode() if fs.exists(inner) else None
+
+
 @contextmanager
-def exclusive(out_dir: Path) -> Iterator[None]:
-    """Hold the preparation lock of ``out_dir`` (a file beside it)."""
+def exclusive(out_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the preparation lock of ``out_dir`` (a file beside it; none for a URL)."""
+    if is_url(out_dir):
+        yield
+        return
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -39,24 +71,30 @@ def exclusive(out_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def is_up_to_date(out_dir: Path, fingerprint: str) -> dict | None:
+def is_up_to_date(out_dir: str | os.PathLike, fingerprint: str) -> dict | None:
     """The recorded metadata when the shards match ``fingerprint`` and every split is
     there; None when they must be (re)built."""
-    meta_path = out_dir / METADATA_FILE
-    if not meta_path.is_file():
+    root = str(out_dir).rstrip("/")
+    text = read_text(f"{root}/{METADATA_FILE}")
+    if text is None:
         return None
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(text)
     except json.JSONDecodeError:
         return None
-    complete = all((out_dir / split / "index.json").is_file() for split in SPLITS)
+    complete = all(read_text(f"{root}/{split}/index.json") is not None for split in SPLITS)
     return meta if complete and meta.get("fingerprint") == fingerprint else None
 
 
 @contextmanager
-def staged_splits(out_dir: Path, meta: dict) -> Iterator[Path]:
+def staged_splits(out_dir: str | os.PathLike, meta: dict) -> Iterator[Path]:
     """Yield the staging folder to write ``<split>/`` folders into; on success, swap all
     splits in and write ``meta`` (with the fingerprint) to ``dataset.json``."""
+    if is_url(out_dir):
+        with _staged_upload(str(out_dir).rstrip("/"), meta) as staging:
+            yield staging
+        return
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -67,6 +105,24 @@ def staged_splits(out_dir: Path, meta: dict) -> Iterator[Path]:
         os.replace(staging / split, out_dir / split)
     shutil.rmtree(staging, ignore_errors=True)
     (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+
+
+@contextmanager
+def _staged_upload(url: str, meta: dict) -> Iterator[Path]:
+    fs, root = url_fs(url)
+    staging = Path(tempfile.mkdtemp(prefix="shards-staging-"))
+    try:
+        yield staging
+        if fs.exists(f"{root}/{METADATA_FILE}"):
+            fs.rm(f"{root}/{METADATA_FILE}")  # incomplete until the new one is written
+        for split in SPLITS:
+            if fs.exists(f"{root}/{split}"):
+                fs.rm(f"{root}/{split}", recursive=True)
+            files = sorted((staging / split).iterdir())
+            fs.put([str(f) for f in files], [f"{root}/{split}/{f.name}" for f in files])
+        fs.pipe_file(f"{root}/{METADATA_FILE}", json.dumps(meta, indent=1).encode())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_in_process(items: Iterable[Any], out_dir: Path, **writer_options: Any) -> None:

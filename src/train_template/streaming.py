@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from litdata import StreamingDataLoader, StreamingDataset
 
-from train_template import seam
+from train_template import seam, shards
 from train_template.errors import UserError
 from train_template.even_batches import EvenBatchesLoader
 from train_template.order import GlobalOrder, GlobalOrderLoader, GlobalOrderStream
@@ -115,8 +115,14 @@ class StreamingDataModule(pl.LightningDataModule):
         return f"run `{command}` or point it at your shards"
 
     def split_dir(self, split: str) -> str:
-        if "://" in self.data_dir:
-            return f"{self.data_dir.rstrip('/')}/{split}"
+        if shards.is_url(self.data_dir):
+            url = f"{self.data_dir.rstrip('/')}/{split}"
+            if shards.read_text(f"{url}/index.json") is None:
+                raise UserError(
+                    f"--data.data_dir={self.data_dir} holds no litdata shards for '{split}' "
+                    f"(no {split}/index.json): {self._how_to('build')}"
+                )
+            return url
         path = Path(self.data_dir)
         if not path.is_dir():
             raise UserError(
@@ -149,13 +155,15 @@ class StreamingDataModule(pl.LightningDataModule):
 
     def split_size(self, split: str) -> int:
         """Samples in a split, from its litdata index (before sharding and drop_last)."""
-        index = json.loads((Path(self.split_dir(split)) / "index.json").read_text())
+        index = json.loads(shards.read_text(f"{self.split_dir(split)}/index.json") or "{}")
         return sum(chunk["chunk_size"] for chunk in index["chunks"])
 
     def make_dataset(self, split: str) -> StreamingDataset:
         training = split == "train"
         split_dir = self.split_dir(split)
         self.check_shards(split_dir)
+        if shards.is_url(split_dir):
+            seam.allow_plain_http_object_store()
         try:
             dataset = StreamingDataset(
                 split_dir,

@@ -112,12 +112,12 @@ def prepare(
     log=print,
 ) -> dict:
     """Build (or confirm) the shards; returns the metadata written to ``dataset.json``."""
-    out_dir = Path(out_dir)
+    out_dir = str(out_dir).rstrip("/")  # a folder or an object-storage URL (train_template.shards)
     with exclusive(out_dir):
         return _prepare(source, out_dir, settings, force, num_workers, chunk_bytes, log)
 
 
-def _prepare(source, out_dir: Path, settings, force, num_workers, chunk_bytes, log) -> dict:
+def _prepare(source, out_dir: str, settings, force, num_workers, chunk_bytes, log) -> dict:
     import litdata
 
     start = time.perf_counter()
@@ -143,7 +143,7 @@ def _prepare(source, out_dir: Path, settings, force, num_workers, chunk_bytes, l
             images_path = staging / f"{split}-images.npy"
             np.save(images_path, images[indices])
             index_and_label = np.stack([indices, labels[indices]], axis=1)
-            log(f"[{split}] writing {len(indices)} samples to {out_dir / split}")
+            log(f"[{split}] writing {len(indices)} samples to {out_dir}/{split}")
             if num_workers == 0:
                 samples = _write_samples((0, len(indices)), str(images_path), index_and_label)
                 write_in_process(samples, staging / split, chunk_bytes=chunk_bytes)

@@ -127,7 +127,7 @@ def prepare(
     log=print,
 ) -> dict:
     """Build (or confirm) the token shards; returns the metadata in ``dataset.json``."""
-    out_dir = Path(out_dir)
+    out_dir = str(out_dir).rstrip("/")  # a folder or an object-storage URL (train_template.shards)
     with exclusive(out_dir):
         return _prepare(
             out_dir,
@@ -187,7 +187,7 @@ def _prepare(
         for split, split_pieces in pieces.items():
             log(
                 f"[{split}] {len(by_split[split])} files, {len(split_pieces)} pieces, "
-                f"{tokens[split]:,} tokens -> {out_dir / split}"
+                f"{tokens[split]:,} tokens -> {out_dir}/{split}"
             )
             if num_workers == 0:  # in this process: small data and test fixtures
                 items = (item_tokens(piece) for piece in split_pieces)
