@@ -135,6 +135,7 @@ def test_two_hosts_train_and_a_killed_host_resumes_exactly(hosts, shards, tmp_pa
     }
 
 
+@pytest.mark.slow  # the 2 x 1 tests above cover the default run
 def test_two_hosts_of_two_processes_train_to_the_end(hosts, tmp_path):
     run_dir = tmp_path / "run"
     # 4 ranks x 8: litdata gives whole batches per rank, so 16 val samples would leave

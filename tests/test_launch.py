@@ -30,6 +30,7 @@ def shards(tmp_path_factory) -> Path:
     return write_shards(tmp_path_factory.mktemp("launch-shards"), 203)  # uneven on purpose
 
 
+@pytest.mark.slow  # tests/test_hosts.py runs torchrun on two real hosts by default
 def test_torchrun_two_processes_see_every_sample_once(tmp_path, shards):
     run_dir = tmp_path / "run"
     run(

@@ -1,8 +1,8 @@
 """scripts/slurm/train.sbatch on a real SLURM cluster (Debian's slurmctld, two slurmd
 emulating nodes n1 and n2, munge), submitted with sbatch from the repository root as a
-user does: two nodes x one task, SIGUSR1 twice (save at a step boundary -> requeue ->
-resume), a real preemption by a higher-priority partition, and the same weights and
-samples as an uninterrupted job every time.
+user does: two nodes x one task; one job requeued twice, by SIGUSR1 (save at a step
+boundary -> scontrol requeue -> resume) and by a real preemption from a higher-priority
+partition, ends with the same weights and samples as an uninterrupted job.
 
 The cluster (tests/cluster.py) starts in ~1.5 s, plus ~8 s of apt-get the first time
 on a machine; every daemon is stopped by its pid at the end, also when a test fails.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,8 @@ from conftest import (
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slurm]
 SCRIPT = REPO / "scripts" / "slurm" / "train.sbatch"
-STEPS = 24  # 203 samples, 2 ranks x 8, drop_last: 12 steps per epoch, 2 epochs
+STEPS = 36  # 203 samples, 2 ranks x 8, drop_last: 12 steps per epoch, 3 epochs
+LONGER = ["--trainer.max_epochs", "3"]  # room for a preemption to land mid-run
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def shards(tmp_path_factory) -> Path:
 
 def submit(cluster, run_dir: Path, shards: Path, *sbatch: str) -> str:
     """sbatch from the repository root, as the README says; returns the job id."""
-    args = fit_args(run_dir, shards)[1:]  # the script adds "fit" itself
+    args = fit_args(run_dir, shards, *LONGER)[1:]  # the script adds "fit" itself
     config = args.index("--config")
     script_args = [args[config + 1], *args[:config], *args[config + 2 :]]
     env = {**cluster.env, "PYTHON": sys.executable, "RUN_DIR": str(run_dir)}
@@ -112,57 +114,54 @@ def test_sbatch_from_the_repository_trains_on_two_nodes(reference):
     assert plan["world_size"] == 2 and plan["num_nodes"] == 2 and plan["max_steps"] == STEPS
 
 
-def test_sigusr1_twice_saves_requeues_and_resumes_exactly(cluster, shards, reference, tmp_path):
+def resumed_at(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"resumed at global step (\d+) of", text)]
+
+
+def test_a_real_preemption_and_sigusr1_requeue_twice_and_resume_exactly(
+    cluster, shards, reference, tmp_path
+):
+    """A job on the urgent partition (PriorityTier 10) takes both nodes whole: slurmctld
+    requeues the training job (PreemptMode=REQUEUE) and sends its tasks SIGTERM, which
+    save at the next agreed step boundary within KillWait (30 s). (With a partition
+    GraceTime SLURM would not requeue a job that ends within the grace time itself.)
+    Then SIGUSR1 (what --signal=SIGUSR1@90 sends): the ranks save the same way and rank 0
+    requeues with scontrol."""
     run_dir = tmp_path / "requeued"
     job_id = submit(cluster, run_dir, shards)
-    for restart, after_step in ((0, 7), (1, 14)):
-        wait_for_step(cluster, job_id, run_dir, after_step)
-        cluster.cmd("scancel", "-s", "USR1", job_id)  # what --signal=SIGUSR1@90 sends
-        deadline = time.monotonic() + 120
-        while int(cluster.job(job_id).get("Restarts", 0)) == restart:
-            assert time.monotonic() < deadline, cluster.job(job_id)
-            time.sleep(0.1)
+    wait_for_step(cluster, job_id, run_dir, 5)
+    urgent = cluster.cmd(
+        "sbatch", "--parsable", "-p", "urgent", "--nodes", "2",
+        "--exclusive",  # both nodes whole: the training job must make room
+        "--output", os.devnull, "--wrap", "sleep 2",
+    ).stdout.strip()  # fmt: skip
+    assert cluster.wait_job(urgent, FINISHED, timeout=200)["JobState"] == "COMPLETED"
+    wait_for_restarts(cluster, job_id, 1)
+    deadline = time.monotonic() + 200
+    while not resumed_at(output_of(job_id).read_text()):  # restart 1 is training
+        assert time.monotonic() < deadline, cluster.job(job_id)
+        time.sleep(0.1)
+    wait_for_step(cluster, job_id, run_dir, resumed_at(output_of(job_id).read_text())[0] + 1)
+    cluster.cmd("scancel", "-s", "USR1", job_id)
     job, text = finish(cluster, job_id)
     assert job["Restarts"] == "2" and job["JobId"] == job_id
     for restart in range(3):
         assert f"(restart {restart}): 2 node(s) x 1 task(s)" in text
-    assert text.count("SIGUSR1: saved") == 2 and text.count(f"scontrol requeue {job_id}") == 2
-    saved = [
-        int(line.split(" at step ")[1].split(";")[0])
-        for line in text.splitlines()
-        if "SIGUSR1: saved" in line
-    ]
-    assert 7 < saved[0] < saved[1] < STEPS and all(step % 5 == 0 for step in saved)
+    assert "DUE TO PREEMPTION" in text
+    assert text.count("SIGUSR1: saved") == 1 and text.count(f"scontrol requeue {job_id}") == 1
+    assert len(resumed_at(text)) == 2, text[-3000:]
+    first, second = resumed_at(text)
+    # Both saves at an agreed boundary (every 5 steps on several ranks), mid-epoch, after
+    # the signal: no other checkpoint exists there (end-of-epoch checkpoints only).
+    assert 5 < first < second < STEPS and first % 5 == 0 and second % 5 == 0, text[-3000:]
     assert_same_weights(reference, run_dir)
     assert {k: v["ids"] for k, v in read_samples(reference).items()} == {
         k: v["ids"] for k, v in read_samples(run_dir).items()
     }
 
 
-def test_a_real_preemption_requeues_and_resumes_exactly(cluster, shards, reference, tmp_path):
-    """A job on the urgent partition (PriorityTier 10) takes both nodes whole: slurmctld
-    requeues the training job (PreemptMode=REQUEUE) and sends its tasks SIGTERM, which
-    saves at the next step boundary within KillWait (30 s), and starts it again when the
-    nodes are free. (With a partition GraceTime SLURM would not requeue a job that ends
-    within the grace time itself; the README says so.)"""
-    run_dir = tmp_path / "preempted"
-    job_id = submit(cluster, run_dir, shards)
-    wait_for_step(cluster, job_id, run_dir, 7)
-    urgent = cluster.cmd(
-        "sbatch",
-        "--parsable",
-        "-p",
-        "urgent",
-        "--nodes",
-        "2",
-        "--exclusive",  # both nodes whole: the training job must make room
-        "--output",
-        os.devnull,
-        "--wrap",
-        "sleep 2",
-    ).stdout.strip()
-    assert cluster.wait_job(urgent, FINISHED, timeout=200)["JobState"] == "COMPLETED"
-    job, text = finish(cluster, job_id)
-    assert job["Restarts"] == "1"
-    assert "SIGTERM: saved" in text and "(restart 1)" in text
-    assert_same_weights(reference, run_dir)
+def wait_for_restarts(cluster, job_id: str, restarts: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while int(cluster.job(job_id).get("Restarts", 0)) < restarts:
+        assert time.monotonic() < deadline, cluster.job(job_id)
+        time.sleep(0.1)

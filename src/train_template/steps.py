@@ -189,6 +189,11 @@ class RunMachinery(Callback):
         log_dir = trainer.log_dir  # a broadcast in DDP: every rank must ask
         if trainer.is_global_zero:
             rank_zero_info(format_plan(plan, planned_schedule=planned))
+            if trainer.ckpt_path:  # where a relaunched or requeued job goes on from
+                rank_zero_info(
+                    f"resumed at global step {trainer.global_step} of {plan.max_steps} "
+                    f"(epoch {trainer.current_epoch}) from {trainer.ckpt_path}"
+                )
             if log_dir is not None:
                 write_plan(plan, log_dir)
         self.preemption.install()
