@@ -149,7 +149,7 @@ def test_two_hosts_of_two_processes_train_to_the_end(hosts, tmp_path):
 
 def test_a_link_down_ends_both_hosts_after_the_timeout(hosts, shards, tmp_path):
     run_dir = tmp_path / "run"
-    bounded = ["--distributed.timeout_s", "15"]
+    bounded = ["--distributed.timeout_s", "10"]
     runs = [torchrun(r, 1, run_dir, shards, *bounded) for r in (0, 1)]
     processes = start(hosts, tmp_path, "run", runs)
     wait_for_step(run_dir, 3, processes)
@@ -157,13 +157,14 @@ def test_a_link_down_ends_both_hosts_after_the_timeout(hosts, shards, tmp_path):
     codes = wait_all(processes, 240)  # a bound, not a timing: Lightning's default is 30 min
     assert None not in codes and 0 not in codes, codes
     for log in logs_of(tmp_path, "run"):
-        assert_one_line_from_the_worker(log, "no answer from a peer for 15 s")
+        # gloo says "Timed out waiting 10000ms" or "Application timeout caused pair closure"
+        assert_one_line_from_the_worker(log, "no answer from a peer")
 
 
 def torchrun_elastic(host: int, run_dir: Path, shards: Path, *extra: str) -> list[str]:
     """The README's elastic line: 1 to 2 nodes, one restart, c10d rendezvous on host 0.
     ``--local-addr``: the hosts share one hostname here, which resolves to neither."""
-    conf = f"is_host={'true' if host == 0 else 'false'},last_call_timeout=10"
+    conf = f"is_host={'true' if host == 0 else 'false'},last_call_timeout=5"
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1:2", "--nproc_per_node", "1", "--max-restarts", "1",

@@ -108,9 +108,8 @@ def send_sigterm_mid_window(cmd: list[str], run_dir: Path, after_batches: int) -
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize(
-    "world_size", [1, pytest.param(2, marks=[pytest.mark.ddp, pytest.mark.slow])]
-)
+@pytest.mark.slow  # the SLURM preemption test saves on SIGTERM and resumes bitwise by default
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.ddp)])
 def test_sigterm_inside_accumulation_window_resumes_bitwise(tmp_path, shards, world_size):
     """accumulate 8, batch 8: the signal lands after batch 11 (inside the second window);
     the save waits for a window's end, so no accumulated gradient is lost."""

@@ -82,7 +82,7 @@ def epoch_orders(run_dir: Path, rank: int = 0) -> list[list[int]]:
         # by default: test_user_module's SIGKILL resume (a docs-style module, one process)
         pytest.param(1, 0, marks=pytest.mark.slow),
         pytest.param(1, 2, marks=pytest.mark.slow),
-        # world size 2: test_ddp_padded_rank_resumes_exactly_... covers DDP resume by default
+        # world size 2: tests/test_hosts.py (a killed host, relaunched) covers DDP resume by default
         pytest.param(2, 0, marks=[pytest.mark.ddp, pytest.mark.slow]),
         pytest.param(2, 2, marks=[pytest.mark.ddp, pytest.mark.slow]),
     ],
@@ -198,6 +198,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path, shards):
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # 48 s; the uneven-launcher test keeps the padded path in the default run
 def test_ddp_padded_rank_resumes_exactly_inside_and_before_its_padding(tmp_path):
     """2 ranks, 203 samples, batch 8, drop_last false: rank 0 yields 12 own batches and
     2 padding batches per epoch. Checkpoints at global steps 9 (rank 0 mid-stream) and

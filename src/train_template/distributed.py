@@ -29,6 +29,7 @@ from dataclasses import dataclass
 # the TCPStore, NCCL's error reporting), in the order they are looked for.
 LOST_PEER_PATTERNS = (
     (r"Timed out waiting (\d+)ms", "no answer from a peer for {seconds} s"),
+    (r"(?i)timeout caused pair closure", "no answer from a peer within --distributed.timeout_s"),
     (r"Connection closed by peer \[([^\]]+)\]", "the peer at {peer} closed its connection"),
     (r"Connection reset by peer", "a peer reset its connection"),
     (r"Connection refused", "a peer refused the connection"),
