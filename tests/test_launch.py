@@ -158,7 +158,7 @@ def test_a_lost_peer_is_named_in_one_line_and_other_errors_are_not():
     assert "no answer from a peer for 15 s" in lost_peer_line(RuntimeError(gloo))
     closed = "[gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.213.0.2]:4711"
     assert "the peer at 10.213.0.2 closed its connection" in lost_peer_line(RuntimeError(closed))
-    pair = "[gloo/transport/tcp/pair.cc] Application timeout caused pair closure"
+    pair = "Application timeout caused pair closure"  # gloo, as torch 2.15 raises it
     assert "no answer from a peer" in lost_peer_line(RuntimeError(pair))
     assert lost_peer_line(RuntimeError("CUDA out of memory")) is None
     assert lost_peer_line(ValueError("Connection reset by peer (gloo)")) is None

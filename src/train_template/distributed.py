@@ -53,7 +53,9 @@ def lost_peer_line(error: BaseException) -> str | None:
     import torch.distributed as dist
 
     text = str(error)
-    is_distributed = isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text
+    # gloo's own messages do not always name it ("Application timeout caused pair closure").
+    markers = ("gloo", "NCCL", "c10d", "pair closure")
+    is_distributed = isinstance(error, dist.DistError) or any(m in text for m in markers)
     if not isinstance(error, RuntimeError) or not is_distributed:
         return None
     for pattern, reason in LOST_PEER_PATTERNS:
