@@ -115,6 +115,17 @@ def two_hosts() -> Iterator[list[Host]]:
             sh("ip", "netns", "del", host.namespace, check=False)  # takes the veth with it
 
 
+@contextlib.contextmanager
+def running(service):
+    """``service.start()``, then ``service.stop()`` whatever happens (a failed start too:
+    the daemons it did start are stopped by pid)."""
+    try:
+        service.start()
+        yield service
+    finally:
+        service.stop()
+
+
 # -- SLURM -------------------------------------------------------------------------------
 
 NODES = ("n1", "n2")
@@ -282,12 +293,10 @@ def slurm_cluster(ports: list[int]) -> Iterator[SlurmCluster]:
     resolvable_node_names()
     root = Path(tempfile.mkdtemp(prefix="tt-slurm-"))
     root.chmod(0o755)
-    cluster = SlurmCluster(root, ports)
     try:
-        cluster.start()
-        yield cluster
+        with running(SlurmCluster(root, ports)) as cluster:
+            yield cluster
     finally:
-        cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -364,11 +373,5 @@ class ObjectStore:
             stop_group(self.process)
 
 
-@contextlib.contextmanager
-def object_store(root: Path, ports: list[int]) -> Iterator[ObjectStore]:
-    store = ObjectStore(root, ports)
-    try:
-        store.start()
-        yield store
-    finally:
-        store.stop()
+def object_store(root: Path, ports: list[int]) -> contextlib.AbstractContextManager[ObjectStore]:
+    return running(ObjectStore(root, ports))

@@ -161,6 +161,13 @@ def test_a_link_down_ends_both_hosts_after_the_timeout(hosts, shards, tmp_path):
         assert_one_line_from_the_worker(log, "no answer from a peer")
 
 
+ELASTIC = [
+    "--data.elastic", "true",
+    "--trainer.precision", "32-true",
+    "--checkpoint.every_n_train_steps", "2",
+]  # fmt: skip
+
+
 def torchrun_elastic(host: int, run_dir: Path, shards: Path, *extra: str) -> list[str]:
     """The README's elastic line: 1 to 2 nodes, one restart, c10d rendezvous on host 0.
     ``--local-addr``: the hosts share one hostname here, which resolves to neither."""
@@ -173,13 +180,6 @@ def torchrun_elastic(host: int, run_dir: Path, shards: Path, *extra: str) -> lis
         "--rdzv-conf", conf,
         str(REPO / "train.py"), *fit_args(run_dir, shards, *ELASTIC, *extra),
     ]  # fmt: skip
-
-
-ELASTIC = [
-    "--data.elastic", "true",
-    "--trainer.precision", "32-true",
-    "--checkpoint.every_n_train_steps", "2",
-]  # fmt: skip
 
 
 def steps_of(run_dir: Path) -> dict[tuple[int, int], tuple[list[int], float]]:

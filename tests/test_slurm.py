@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,23 +53,12 @@ def submit(cluster, run_dir: Path, shards: Path, *sbatch: str) -> str:
     config = args.index("--config")
     script_args = [args[config + 1], *args[:config], *args[config + 2 :]]
     env = {**cluster.env, "PYTHON": sys.executable, "RUN_DIR": str(run_dir)}
-    result = cluster_run(
-        cluster,
-        ["sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "1", *sbatch],
-        [str(SCRIPT), *script_args],
-        env,
-    )
-    return result.strip().split(";")[0]
-
-
-def cluster_run(cluster, sbatch: list[str], script: list[str], env: dict) -> str:
-    import subprocess
-
+    sbatch = ["sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "1", *sbatch]
     result = subprocess.run(
-        [*sbatch, *script], cwd=REPO, env=env, capture_output=True, text=True, check=False
+        [*sbatch, str(SCRIPT), *script_args], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    return result.stdout
+    return result.stdout.strip().split(";")[0]
 
 
 def output_of(job_id: str) -> Path:

@@ -11,6 +11,7 @@ The rest of the machinery, and the examples, call the public functions below.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -256,8 +257,6 @@ def allow_plain_http_object_store(environ: Any = None) -> bool:
     when the endpoint is ``http://`` is the narrowest fix; forked loader workers inherit
     it. HTTPS endpoints are left alone. Reported upstream with the pinned version.
     """
-    import os
-
     environ = os.environ if environ is None else environ
     endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or ""
     if not endpoint.startswith("http://"):
