@@ -113,3 +113,24 @@ def test_a_resume_on_another_world_size_trains_every_step_on_the_same_samples(
     assert f"at global step {2 * order.steps_per_epoch} (epoch 2, step 0)" in printed
     assert "global batch size              16" in printed
     assert "accumulate grad batches        1" in printed
+
+
+def test_rescaled_batch_counters_keep_lightnings_saved_on_batch_end_mark():
+    """A save in on_train_batch_end has completed == processed - 1 (how Lightning knows
+    the batch finished); after a 1 -> 2 accumulation change the mark must survive, or a
+    save on an epoch's last batch trains one window of that epoch again."""
+    from train_template.seam import rescale_batch_progress
+
+    counters = {"ready": 12, "started": 12, "processed": 12, "completed": 11}
+    checkpoint = {
+        "loops": {
+            "fit_loop": {
+                "epoch_loop.batch_progress": {"total": dict(counters), "current": dict(counters)}
+            }
+        }
+    }
+    rescale_batch_progress(checkpoint, saved_accumulation=1, accumulation=2)
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert progress["current"] == {"ready": 24, "started": 24, "processed": 24, "completed": 23}
+    rescale_batch_progress(checkpoint, saved_accumulation=2, accumulation=1)
+    assert progress["total"] == counters

@@ -99,13 +99,20 @@ def rescale_batch_progress(checkpoint: dict, saved_accumulation: int, accumulati
     optimizer would step off its windows and the epoch would end at the wrong batch.
 
     The counters live under Lightning's loop-state keys (``epoch_loop.batch_progress``);
-    a checkpoint of the global order is taken at a window boundary, so they are whole
-    multiples of the saved accumulation.
+    a checkpoint of the global order is taken at a window boundary, so ``processed`` is a
+    whole multiple of the saved accumulation. The other counters keep their distance
+    from it: a save in ``on_train_batch_end`` has ``completed == processed - 1``, which
+    is how Lightning 2.6.6 (``_TrainingEpochLoop.update_restart_stage``) knows that batch
+    finished; scaling that lag too made a save on an epoch's last batch train one
+    window of the finished epoch again.
     """
     progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
     for part in ("total", "current"):
+        counters = progress[part]
+        processed = counters["processed"]
+        rescaled = processed // saved_accumulation * accumulation
         for key in ("ready", "started", "processed", "completed"):
-            progress[part][key] = progress[part][key] // saved_accumulation * accumulation
+            counters[key] = rescaled - (processed - counters[key])
 
 
 def checkpoint_progress_of(checkpoint: dict) -> tuple[int, int, int]:
