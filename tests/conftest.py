@@ -246,7 +246,7 @@ def fit_args(run_dir: Path, data: Path, *extra: str) -> list[str]:
         "--data.batch_size",
         "8",
         "--data.drop_last",
-        "true",  # litdata trims every rank to whole batches (padding: the uneven test)
+        "true",  # whole global batches, every sample at most once an epoch
         *extra,
         config="ddp",
     )

@@ -1,8 +1,11 @@
-"""Elastic resume in the global sample order (``--data.elastic true``): a run killed with
-SIGKILL after a mid-epoch checkpoint and relaunched on another number of processes
-continues with the same global batch (accumulation re-derived), and every later optimizer
-step, through the next epoch, trains on the same set of samples with the same LR as the
-uninterrupted run; the step count is the same. Real processes: gloo DDP on CPU.
+"""Elastic resume in the global sample order (the default): a run killed with SIGKILL
+after a mid-epoch checkpoint and relaunched on another number of processes continues with
+the same global batch (accumulation re-derived), and every later optimizer step, through
+the next epoch, trains on the same set of samples with the same LR as the uninterrupted
+run; the step count is the same. For the template's litdata data module and for a plain
+map-style ``LightningDataModule`` that never heard of the template (the template's
+sampler takes the place of Lightning's ``DistributedSampler``). Real processes: gloo DDP
+on CPU.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_DDP, kill_after_checkpoint, run, train_cmd, write_shards
+from conftest import CPU_DDP, REPO, kill_after_checkpoint, run, train_cmd, write_shards
 
 from train_template.order import GlobalOrder
 
@@ -20,13 +23,15 @@ pytestmark = pytest.mark.ddp
 
 BATCH = 8
 ELASTIC = [
-    "--data.elastic", "true",
     "--data.batch_size", str(BATCH),
     "--trainer.max_epochs", "2",
     "--trainer.precision", "32-true",
     "--checkpoint.every_n_train_steps", "3",
 ]  # fmt: skip
 ONE_RANK = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+# The docs-style map-style data module (tests/plain_lightning.py): 403 digits, shuffle=True.
+MAP_STYLE = ["--data", "plain_lightning.MapStyleDataModule", "--data.init_args.batch_size", "8"]
+ENV = {"PYTHONPATH": str(REPO / "tests")}
 
 
 def audited(run_dir: Path, data: Path, audit: Path, *args: str) -> list[str]:
@@ -35,11 +40,8 @@ def audited(run_dir: Path, data: Path, audit: Path, *args: str) -> list[str]:
         "trainer:\n  callbacks:\n    - class_path: train_template.callbacks.SampleIdRecorder\n"
         f"      init_args: {{out_dir: {audit}}}\n"
     )
-    return [
-        *train_cmd("fit", run_dir, data, *ELASTIC, *args, config="ddp"),
-        "--config",
-        str(overlay),
-    ]
+    command = train_cmd("fit", run_dir, data, *ELASTIC, *args, config="ddp")
+    return [*command, "--config", str(overlay)]
 
 
 def steps_of(*audits: Path) -> dict[tuple[int, int], tuple[list[int], float]]:
@@ -55,17 +57,19 @@ def steps_of(*audits: Path) -> dict[tuple[int, int], tuple[list[int], float]]:
     return steps
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+@pytest.fixture(scope="module", params=["litdata", "map-style"])
+def reference(request, tmp_path_factory):
     """The uninterrupted run, on one process (the order is the same on every layout)."""
     root = tmp_path_factory.mktemp("elastic")
     data = write_shards(root / "data", 203)
+    source = [] if request.param == "litdata" else MAP_STYLE
     reference = audited(
-        root / "reference", data, root / "reference-audit", *ONE_RANK,
+        root / "reference", data, root / "reference-audit", *ONE_RANK, *source,
         "--plan.global_batch_size", "16",  # the killed runs' global batch: 2 ranks x 8
     )  # fmt: skip
-    run(reference)
-    return data, steps_of(root / "reference-audit")
+    run(reference, env=ENV)
+    num_samples = 203 if request.param == "litdata" else 403
+    return data, source, num_samples, steps_of(root / "reference-audit")
 
 
 @pytest.mark.parametrize(
@@ -81,12 +85,15 @@ def reference(tmp_path_factory):
 def test_a_resume_on_another_world_size_trains_every_step_on_the_same_samples(
     tmp_path, reference, before, after, cli_in_process
 ):
-    data, expected = reference
+    data, source, num_samples, expected = reference
     run_dir = tmp_path / "run"
     killed_at = kill_after_checkpoint(
-        audited(run_dir, data, tmp_path / "first", *before), run_dir, 5
+        audited(run_dir, data, tmp_path / "first", *before, *source), run_dir, 5, env=ENV
     )
-    resumed = run(audited(run_dir, data, tmp_path / "second", *after, "--ckpt_path", "last"))
+    resumed = run(
+        audited(run_dir, data, tmp_path / "second", *after, *source, "--ckpt_path", "last"),
+        env=ENV,
+    )
     output = resumed.stdout + resumed.stderr
     assert "global batch size              16" in output  # kept: accumulation re-derived
     steps = steps_of(tmp_path / "first", tmp_path / "second")
@@ -96,12 +103,14 @@ def test_a_resume_on_another_world_size_trains_every_step_on_the_same_samples(
         assert steps[key][0] == ids, key  # the same samples ...
         assert steps[key][1] == pytest.approx(lr, rel=1e-12), key  # ... and the same LR
     # The real loader trains the pure order: step s of epoch e is its window of positions.
-    order = GlobalOrder(203, 16, seed=42)
+    order = GlobalOrder(num_samples, 16, seed=42)
     for (epoch, step), (ids, _) in expected.items():
         assert ids == sorted(order.step_samples(epoch, step - epoch * order.steps_per_epoch))
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2 * order.steps_per_epoch
 
+    if source:
+        return  # the plan command's view of a resume: once is enough
     # The plan a resume on 4 devices of batch 4 would use: the run's global batch of 16.
     status, printed, stderr = cli_in_process(
         [

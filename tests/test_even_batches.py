@@ -28,7 +28,9 @@ def shards(tmp_path_factory) -> Path:
 def rank_module(monkeypatch, shards: Path, rank: int, world_size: int = 2, **data):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("GLOBAL_RANK", str(rank))
-    module = DigitsDataModule(data_dir=str(shards), batch_size=8, **{"drop_last": False, **data})
+    module = DigitsDataModule(
+        data_dir=str(shards), batch_size=8, **{"drop_last": False, "elastic": False, **data}
+    )
     module.setup("fit")
     return module
 

@@ -162,7 +162,6 @@ def test_a_link_down_ends_both_hosts_after_the_timeout(hosts, shards, tmp_path):
 
 
 ELASTIC = [
-    "--data.elastic", "true",
     "--trainer.precision", "32-true",
     "--checkpoint.every_n_train_steps", "2",
 ]  # fmt: skip

@@ -45,7 +45,16 @@ class StepRecorder(pl.Callback):
 
 
 def fit(
-    data_dir, *, batch_size, drop_last, accumulate, limit, epochs, warmup_fraction=0.25, scale=True
+    data_dir,
+    *,
+    batch_size,
+    drop_last,
+    accumulate,
+    limit,
+    epochs,
+    warmup_fraction=0.25,
+    scale=True,
+    elastic=True,
 ):
     torch.manual_seed(0)
     model = ClassifierModule(MLP(), optimizer=lambda params: torch.optim.SGD(params, lr=BASE_LR))
@@ -55,7 +64,9 @@ def fit(
         final_lr_factor=0.1,
         warmup_start_factor=0.01,
     )
-    data = DigitsDataModule(str(data_dir), batch_size=batch_size, drop_last=drop_last, shuffle=True)
+    data = DigitsDataModule(
+        str(data_dir), batch_size=batch_size, drop_last=drop_last, shuffle=True, elastic=elastic
+    )
     recorder = StepRecorder()
     trainer = PlannedTrainer(
         default_root_dir=tempfile.mkdtemp(),  # plan.json goes there, never into the checkout
@@ -86,23 +97,30 @@ def fit(
     accumulate=st.integers(1, 8),
     limit=st.one_of(st.none(), st.integers(1, 40), st.floats(0.05, 1.0)),
     epochs=st.integers(1, 3),
+    elastic=st.booleans(),
 )
 def test_planned_steps_equal_executed_steps(
-    num_samples, batch_size, drop_last, accumulate, limit, epochs
+    num_samples, batch_size, drop_last, accumulate, limit, epochs, elastic
 ):
+    """Both orders: the global order (whole global batches of batch x accumulation) and
+    litdata's own stream (``elastic=False``: Lightning's rule, short last windows)."""
     limit = 1.0 if limit is None else limit
-    full_batches = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+    per_batch = batch_size * accumulate if elastic else batch_size
+    full_batches = num_samples // per_batch if drop_last else -(-num_samples // per_batch)
+    if elastic:
+        full_batches *= accumulate  # micro-batches of whole global batches
     settings = dict(
         batch_size=batch_size,
         drop_last=drop_last,
         accumulate=accumulate,
         limit=limit,
         epochs=epochs,
+        elastic=elastic,
     )
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_shards(Path(tmp), num_samples)
         if full_batches == 0:
-            with pytest.raises(UserError, match="fewer than one batch"):
+            with pytest.raises(UserError, match="fewer than one (global )?batch"):
                 fit(data_dir, **settings)
             return
         if isinstance(limit, float) and int(limit * full_batches) == 0:
@@ -136,6 +154,7 @@ def test_short_last_window_gets_the_gradient_of_its_own_batches(tmp_path, scale)
         epochs=1,
         warmup_fraction=0.0,
         scale=scale,
+        elastic=False,  # the global order has whole windows only
     )
     assert plan.steps_per_epoch == 2
     # Recompute the last window's gradient by hand: the mean loss over its one batch,

@@ -69,12 +69,15 @@ def scheduler_and_lrs(run_dir: Path) -> tuple[dict, dict, list[float]]:
 def test_scheduler_from_estimated_stepping_batches_is_as_long_as_the_plan(
     tmp_path, shards, length_args, length_from
 ):
-    """403 samples, batch 23, drop_last: 17 batches per epoch, short accumulation windows."""
+    """403 samples, batch 23, drop_last: whole global batches of 23 x accumulation."""
     run_dir = tmp_path / "run"
     fit(run_dir, shards, "--data.batch_size", "23", "--data.drop_last", "true", *length_args)
     plan = load_plan(run_dir)
     last, scheduler, lrs = scheduler_and_lrs(run_dir)
-    assert plan["length_from"] == length_from and plan["batches_per_epoch"] == 17
+    accumulate = plan["accumulate_grad_batches"]
+    assert plan["length_from"] == length_from
+    assert plan["steps_per_epoch"] == 403 // (23 * accumulate)
+    assert plan["batches_per_epoch"] == plan["steps_per_epoch"] * accumulate
     # OneCycleLR would raise if stepped past total_steps; here it ends exactly on it.
     assert scheduler["total_steps"] == plan["max_steps"] == last["global_step"]
     assert scheduler["last_epoch"] == plan["max_steps"]
@@ -84,8 +87,9 @@ def test_scheduler_from_estimated_stepping_batches_is_as_long_as_the_plan(
 
 
 def test_map_style_data_module_gets_an_exact_plan(tmp_path, shards):
-    """No litdata: the plan is measured on the real DataLoader (403 samples, batch 16 ->
-    26 batches; accumulate 4 -> 7 steps per epoch, the last window of 2 batches)."""
+    """No litdata: the plan is measured on the real DataLoader, which trains in the global
+    order (403 samples, batch 16, accumulate 4: 7 whole global batches of 64 per epoch,
+    28 batches, the last window completed with the epoch's first samples)."""
     run_dir = tmp_path / "run"
     fit(
         run_dir,
@@ -100,7 +104,7 @@ def test_map_style_data_module_gets_an_exact_plan(tmp_path, shards):
     )
     plan = load_plan(run_dir)
     last, scheduler, lrs = scheduler_and_lrs(run_dir)
-    assert (plan["batches_per_epoch"], plan["steps_per_epoch"], plan["max_steps"]) == (26, 7, 14)
+    assert (plan["batches_per_epoch"], plan["steps_per_epoch"], plan["max_steps"]) == (28, 7, 14)
     assert scheduler["total_steps"] == last["global_step"] == len(lrs) == 14
 
 

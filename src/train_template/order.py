@@ -14,6 +14,9 @@ Every epoch holds the same number of whole global batches on every layout: witho
 twice that epoch), with it the tail of fewer than ``G`` samples waits for another epoch.
 Pure numpy arithmetic; the cost is one permutation of ``num_samples`` int64 per rank
 (8 bytes a sample) and reads across all chunks (no chunk locality).
+
+:class:`GlobalOrderSampler` is one rank's share as a torch ``Sampler``: ``elastic.py`` puts
+it where Lightning would put its ``DistributedSampler``, for any map-style train loader.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import Sampler
+
+from train_template.plan import PlanError, TrainLayout
 
 
 @dataclass(frozen=True)
@@ -78,33 +83,31 @@ def accumulation_of(global_batch_size: int, world_size: int, batch_size: int) ->
     return accumulate
 
 
-class GlobalOrderStream(IterableDataset):
-    """This rank's collated micro-batches of a :class:`GlobalOrder`, from a map-style
-    ``source`` (``source[i]`` is sample ``i``); for ``DataLoader(stream, batch_size=None)``.
+class GlobalOrderSampler(Sampler[int]):
+    """One rank's sample indices of a :class:`GlobalOrder`, micro-batch after micro-batch.
 
-    An ``IterableDataset`` so that Lightning leaves it alone (no sampler injected); with
-    loader workers, worker ``w`` of ``n`` builds micro-batches ``w, w + n, ...``, which
-    torch's loader hands out in turn: the same order as one process. ``start_step``
-    (after a resume) applies to the epoch it was set for; ``set_epoch`` moves on.
+    A ``DataLoader``'s ``BatchSampler(this, batch_size)`` cuts them back into the rank's
+    micro-batches (the count is always whole batches, so its ``drop_last`` changes
+    nothing); with loader workers each worker fetches whole batches in turn, the order of
+    one process. The sampler needs no saved state: its position is the run's, set from
+    the trainer's restored global step (``start_step``, for the epoch it was made for).
+    Lightning calls ``set_epoch`` at every epoch start, as it does on a
+    ``DistributedSampler``; a new epoch starts at its first step.
     """
 
     def __init__(
         self,
-        source,
         order: GlobalOrder,
         world_size: int,
         rank: int,
         batch_size: int,
-        collate,
         epoch: int = 0,
         start_step: int = 0,
     ) -> None:
-        self.source = source
         self.order = order
         self.world_size = world_size
         self.rank = rank
         self.batch_size = batch_size
-        self.collate = collate
         self.accumulate = accumulation_of(order.global_batch_size, world_size, batch_size)
         self.epoch = epoch
         self.start_step = start_step
@@ -114,31 +117,47 @@ class GlobalOrderStream(IterableDataset):
             self.epoch, self.start_step = epoch, 0
 
     def __len__(self) -> int:
-        return self.order.steps_per_epoch * self.accumulate  # the whole epoch, resumed or not
+        """The whole epoch's samples of this rank, resumed or not (Lightning counts the
+        epoch's batches from its restored counters)."""
+        return self.order.steps_per_epoch * self.accumulate * self.batch_size
 
-    def __iter__(self):
-        import torch
-
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    def __iter__(self) -> Iterator[int]:
         batches = self.order.rank_batches(
             self.epoch, self.world_size, self.rank, self.batch_size, self.start_step
         )
-        for position, indices in enumerate(batches):
-            if position % workers == worker:
-                yield self.collate([self.source[int(i)] for i in indices])
+        for batch in batches:
+            yield from batch
 
 
-class GlobalOrderLoader(DataLoader):
-    """The DataLoader of a :class:`GlobalOrderStream`: resumable without a state of its own.
-
-    Its position is the trainer's global step (restored with the checkpoint), so there is
-    nothing to save; saying so keeps Lightning from warning that a mid-epoch checkpoint of
-    this loader cannot resume.
-    """
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        pass
+def global_order_layout(
+    order: GlobalOrder,
+    world_size: int,
+    batch_size: int,
+    tokens_per_sample: int | None = None,
+) -> TrainLayout:
+    """What every rank trains on per epoch in ``order``: whole global batches, the same
+    batch count on every rank; ``rank_samples`` splits the epoch's distinct samples."""
+    accumulate = accumulation_of(order.global_batch_size, world_size, batch_size)
+    if order.steps_per_epoch == 0:
+        raise PlanError(
+            f"the train split has {order.num_samples} samples, fewer than one global batch of "
+            f"{order.global_batch_size} (world size {world_size} x --data.batch_size "
+            f"{batch_size} x accumulation {accumulate}) with --data.drop_last true: use a "
+            "smaller batch or accumulation, fewer devices, more data, or --data.drop_last false"
+        )
+    batches = order.steps_per_epoch * accumulate
+    distinct = min(order.num_samples, order.steps_per_epoch * order.global_batch_size)
+    shares = tuple(distinct // world_size + (r < distinct % world_size) for r in range(world_size))
+    settings = (
+        ("shuffle", order.shuffle),
+        ("drop_last", order.drop_last),
+        ("seed", order.seed),
+        ("elastic", True),
+    )
+    return TrainLayout(
+        batch_size=batch_size,
+        rank_batches=(batches,) * world_size,
+        rank_samples=shares,
+        tokens_per_sample=tokens_per_sample,
+        order=settings,
+    )

@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 
 from train_template import seam
+from train_template.elastic import loader_layout, ordered_train_loader
 from train_template.errors import UserError
 from train_template.plan import (
     TrainingPlan,
@@ -67,8 +68,11 @@ class PlannedTrainer(pl.Trainer):
         super().__init__(*args, **kwargs)
         self.training_plan: TrainingPlan | None = None  # set at fit setup
         self.lr_schedule: LRSchedule | None = None  # the run's --lr_schedule
-        # Lightning splits a map-style loader over ranks only with this on.
+        # Lightning splits a map-style loader over ranks only with this on; the template
+        # then trains a plain map-style loader in the global order instead (elastic.py).
         self.use_distributed_sampler = kwargs.get("use_distributed_sampler", True)
+        if self.use_distributed_sampler:
+            seam.replace_train_sampler(self, lambda loader: ordered_train_loader(loader, self))
 
     @property
     def estimated_stepping_batches(self) -> int | float:
@@ -127,18 +131,29 @@ def train_layout_of(
     """The data's own ``train_layout(world_size, accumulate_grad_batches)``, or the measured one."""
     if callable(getattr(source, "train_layout", None)):
         return source.train_layout(world_size, accumulate_grad_batches=accumulate_grad_batches)
-    return measured_layout(source, world_size, distributed_sampler)
+    return measured_layout(source, world_size, accumulate_grad_batches, distributed_sampler)
 
 
-def measured_layout(source: Any, world_size: int, distributed_sampler: bool = True) -> TrainLayout:
-    """Layout of a plain (map-style) train loader: at one process its own length; on
-    several, each rank's share as Lightning's ``DistributedSampler`` makes it (every rank
-    padded to ``ceil(len(sampler) / world_size)`` samples)."""
+def measured_layout(
+    source: Any, world_size: int, accumulate_grad_batches: int = 1, distributed_sampler: bool = True
+) -> TrainLayout:
+    """Layout of a train loader from ``train_dataloader()``: a plain map-style loader
+    trains in the global order (``elastic.py``); one with a sampler of its own at one
+    process has its own length, on several each rank's share as Lightning's
+    ``DistributedSampler`` makes it (every rank padded to ``ceil(len(sampler) /
+    world_size)`` samples)."""
     loader = source.train_dataloader()
     batch_size = getattr(loader, "batch_size", None)
     if batch_size is None:
         raise UserError("the train loader has no batch_size: the plan needs a batched loader")
     tokens = getattr(source, "tokens_per_sample", None)
+    if distributed_sampler:
+        try:
+            layout = loader_layout(loader, world_size, accumulate_grad_batches, tokens)
+        except ValueError as error:  # a global batch the layout cannot share
+            raise UserError(f"the global order: {error}") from None
+        if layout is not None:
+            return layout
     try:
         length = len(loader)
         sampled = len(loader.sampler) if loader.sampler is not None else None

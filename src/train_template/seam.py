@@ -127,6 +127,59 @@ def checkpoint_progress_of(checkpoint: dict) -> tuple[int, int, int]:
     return int(checkpoint["global_step"]), int(epochs), int(batches)
 
 
+# -- Lightning: the train loader's sampler -------------------------------------------
+
+
+def replace_train_sampler(trainer: pl.Trainer, replace: Any) -> None:
+    """Let ``replace(loader)`` prepare the train loader where Lightning would inject its
+    ``DistributedSampler`` (``None`` from it: Lightning's own preparation).
+
+    ``_DataConnector._prepare_dataloader`` (lightning 2.6.6) is the one place Lightning
+    gives a train loader its sampler, after the checkpoint is restored and before the
+    loader is iterated; a data module cannot do it there itself (its loader is built
+    before Lightning knows the run's position), and no hook is offered.
+    """
+    from lightning.pytorch.trainer.states import RunningStage
+
+    connector = trainer._data_connector
+    prepare = connector._prepare_dataloader
+
+    def prepare_with_ours(dataloader: object, shuffle: bool, mode: RunningStage) -> object:
+        if mode == RunningStage.TRAINING and (replaced := replace(dataloader)) is not None:
+            return replaced
+        return prepare(dataloader, shuffle, mode)
+
+    connector._prepare_dataloader = prepare_with_ours
+
+
+def loader_with_sampler(loader: Any, sampler: Any) -> Any:
+    """``loader`` rebuilt around ``sampler`` by Lightning's own ``_update_dataloader`` (the
+    function that injects its ``DistributedSampler``: it keeps the loader's class and
+    arguments), marked resumable: the sampler's position comes from the trainer, so there
+    is no loader state to save, and Lightning would otherwise warn at a mid-epoch resume
+    that the loader "is not resumable" (``_Stateful``)."""
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    rebuilt = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+    if not (hasattr(rebuilt, "state_dict") and hasattr(rebuilt, "load_state_dict")):
+        rebuilt.__class__ = _resumable(type(rebuilt))
+    return rebuilt
+
+
+_RESUMABLE: dict[type, type] = {}
+
+
+def _resumable(cls: type) -> type:
+    if cls not in _RESUMABLE:
+        _RESUMABLE[cls] = type(
+            cls.__name__,
+            (cls,),
+            {"state_dict": lambda self: {}, "load_state_dict": lambda self, state: None},
+        )
+    return _RESUMABLE[cls]
+
+
 # -- Lightning: RNG states ------------------------------------------------------------
 
 

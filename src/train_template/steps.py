@@ -13,7 +13,8 @@ At **setup** (``fit``, before the checkpoint is restored and before ``configure_
   2. Lightning's epoch limit becomes the plan's epochs; its step limit waits (seam).
 
 At a **resume** (the checkpoint restored, ``on_load_checkpoint`` and ``load_state_dict``)
-  3. in the global sample order (``--data.elastic``) the checkpoint's global batch wins:
+  3. in the global sample order (the default for map-style loaders and
+     ``StreamingDataModule``: ``elastic.py``) the checkpoint's global batch wins:
      another layout re-derives the accumulation and Lightning's batch counters are
      rescaled to it;
      the checkpoint's plan is compared with this launch's (``plan.RESUME_KEYS``: world
@@ -29,8 +30,9 @@ At **train start** (the loader built and restored)
   7. SIGUSR1/SIGTERM handlers are installed (they only record the signal).
 
 At each **epoch start**
-  8. litdata's stale restore flag is cleared, so the epoch after a mid-epoch resume is a
-     fresh, reshuffled epoch; a global-order stream moves to this epoch's order.
+  8. litdata's stale restore flag is cleared (``--data.elastic false``), so the epoch after
+     a mid-epoch resume is a fresh, reshuffled epoch (the global order's sampler is moved
+     to the epoch by Lightning's own ``set_epoch``).
 
 At each **batch start**
   9. the first batch after a resume puts back this rank's RNG states (dropout).
@@ -75,7 +77,6 @@ from train_template import seam
 from train_template.checkpointing import gathered_rng_states, restore_rng_states
 from train_template.errors import UserError
 from train_template.guards import FiniteGuard
-from train_template.order import GlobalOrderStream
 from train_template.plan import TrainingPlan, accumulation_window_size, format_plan
 from train_template.planning import (
     PlanOptions,
@@ -201,11 +202,7 @@ class RunMachinery(Callback):
     # -- every epoch and step (8-15) ------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loader = trainer.train_dataloader
-        seam.clear_stale_restore(loader)
-        stream = getattr(loader, "dataset", None)
-        if isinstance(stream, GlobalOrderStream):  # the global order of this epoch
-            stream.set_epoch(seam.epochs_started(trainer))
+        seam.clear_stale_restore(trainer.train_dataloader)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -35,19 +35,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from litdata import StreamingDataLoader, StreamingDataset
+from torch.utils.data import DataLoader, Dataset
 
 from train_template import seam, shards
+from train_template.elastic import loader_layout
 from train_template.errors import UserError
 from train_template.even_batches import EvenBatchesLoader
-from train_template.order import GlobalOrder, GlobalOrderLoader, GlobalOrderStream
 from train_template.plan import TrainLayout
 from train_template.shards import SPLITS
 
-# The settings that fix which samples come in which order (with batch_size, which the
-# plan holds anyway); a resume must keep them (plan.RESUME_KEYS).
+# The settings that fix which samples come in which order in litdata's own stream
+# (--data.elastic false; with batch_size, which the plan holds anyway): a resume must
+# keep them (plan.RESUME_KEYS). In the global order the workers only share the work.
 ORDER_SETTINGS = ("shuffle", "drop_last", "seed", "num_workers")
-# In the global order the workers only share the work: any count gives the same stream.
-ELASTIC_ORDER_SETTINGS = ("shuffle", "drop_last", "seed", "elastic")
 
 
 class StreamingDataModule(pl.LightningDataModule):
@@ -72,7 +72,7 @@ class StreamingDataModule(pl.LightningDataModule):
         drop_last: bool = False,
         seed: int = 42,
         predict_split: str = "test",
-        elastic: bool = False,
+        elastic: bool = True,
     ) -> None:
         """
         Args:
@@ -87,6 +87,8 @@ class StreamingDataModule(pl.LightningDataModule):
             elastic: Train in one sample order defined over global positions
                 (``order.GlobalOrder``): every optimizer step trains on the same samples on
                 any layout, so a checkpoint resumes on another number of devices or nodes.
+                ``false``: litdata's own stream (reads chunk by chunk; a resume must keep
+                the layout).
         """
         super().__init__()
         if batch_size < 1:
@@ -159,7 +161,9 @@ class StreamingDataModule(pl.LightningDataModule):
         return sum(chunk["chunk_size"] for chunk in index["chunks"])
 
     def make_dataset(self, split: str) -> StreamingDataset:
-        training = split == "train"
+        # In the global order litdata only reads items by index: its own shuffle and
+        # drop_last stay off, the order decides.
+        training = split == "train" and not self.elastic
         split_dir = self.split_dir(split)
         self.check_shards(split_dir)
         if shards.is_url(split_dir):
@@ -190,6 +194,8 @@ class StreamingDataModule(pl.LightningDataModule):
         # litdata's global per-epoch shuffle, every sample once per epoch, on every epoch.
         # Only chunk-cache locality on remote data is given up.
         detected = dataset.distributed_env
+        if split == "train" and self.elastic:  # read by index: every rank sees every item
+            return seam.view_as_rank(dataset, 1, 0)
         return seam.view_as_rank(dataset, detected.world_size, detected.global_rank)
 
     def setup(self, stage: str) -> None:
@@ -204,7 +210,7 @@ class StreamingDataModule(pl.LightningDataModule):
                 self.datasets[split] = self.make_dataset(split)
                 if split != "train":
                     self.check_every_rank_evaluates(split)
-        if stage != "fit":
+        if stage != "fit" or self.elastic:  # the global order: the plan checks its batches
             return
         # Every rank's batch count, computed identically on every rank, so they all
         # make the same decision here and pad to the same length later.
@@ -265,9 +271,9 @@ class StreamingDataModule(pl.LightningDataModule):
         """Turn a list of samples into a batch (torch's default collate here)."""
         return torch.utils.data.default_collate(samples)
 
-    def train_dataloader(self) -> StreamingDataLoader | EvenBatchesLoader | GlobalOrderLoader:
+    def train_dataloader(self) -> DataLoader | StreamingDataLoader | EvenBatchesLoader:
         if self.elastic:
-            return self._global_order_loader()
+            return self._items_loader()
         loader = self._loader("train")
         if self.trainer is not None:
             # StreamingDataLoader counts epochs itself (+1 per iteration) and shuffles with
@@ -285,41 +291,22 @@ class StreamingDataModule(pl.LightningDataModule):
             split_size=self.split_size("train"),
         )
 
-    def global_order(self, world_size: int, batch_size: int, accumulate: int) -> GlobalOrder:
-        return GlobalOrder(
-            self.split_size("train"),
-            world_size * batch_size * accumulate,
-            seed=self.seed,
+    def _items_loader(self) -> DataLoader:
+        """The train items as a plain map-style loader: the template trains it in the global
+        order (``elastic.py``), as it trains any user's ``DataLoader(dataset, shuffle=True)``."""
+        if "train" not in self.datasets:
+            self.datasets["train"] = self.make_dataset("train")
+        accelerator = self.trainer.accelerator if self.trainer is not None else None
+        return DataLoader(
+            ItemsOf(self.datasets["train"]),
+            batch_size=self.batch_size,
             shuffle=self.shuffle,
             drop_last=self.drop_last,
-        )
-
-    def _global_order_loader(self) -> GlobalOrderLoader:
-        """This rank's share of the global order, from the trainer's step (a resume on
-        any layout continues at the same global position)."""
-        trainer = self.trainer
-        world_size, accumulate = trainer.world_size, trainer.accumulate_grad_batches
-        order = self.global_order(world_size, self.batch_size, accumulate)
-        epoch = seam.epochs_started(trainer)
-        start = trainer.global_step - epoch * order.steps_per_epoch
-        if order.steps_per_epoch and start >= order.steps_per_epoch:
-            epoch, start = epoch + start // order.steps_per_epoch, start % order.steps_per_epoch
-        stream = GlobalOrderStream(
-            self.datasets["train"],
-            order,
-            world_size,
-            trainer.global_rank,
-            self.batch_size,
-            self.collate,
-            epoch=epoch,
-            start_step=max(0, start),
-        )
-        return GlobalOrderLoader(
-            stream,
-            batch_size=None,  # the stream yields whole micro-batches
             num_workers=self.num_workers,
-            collate_fn=_as_is,
-            pin_memory=isinstance(trainer.accelerator, CUDAAccelerator),
+            collate_fn=self.collate,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=isinstance(accelerator, CUDAAccelerator),
+            generator=torch.Generator().manual_seed(self.seed),  # the order's seed
         )
 
     def val_dataloader(self) -> StreamingDataLoader:
@@ -341,19 +328,12 @@ class StreamingDataModule(pl.LightningDataModule):
         permutes which chunks go where.
         """
         if self.elastic:  # every rank: whole global batches of the global order
-            order = self.global_order(world_size, self.batch_size, accumulate_grad_batches)
-            batches = order.steps_per_epoch * accumulate_grad_batches
-            distinct = min(order.num_samples, order.steps_per_epoch * order.global_batch_size)
-            shares = [
-                distinct // world_size + (r < distinct % world_size) for r in range(world_size)
-            ]
-            return TrainLayout(
-                batch_size=self.batch_size,
-                rank_batches=(batches,) * world_size,
-                rank_samples=tuple(shares),
-                tokens_per_sample=getattr(self, "tokens_per_sample", None),
-                order=tuple((name, getattr(self, name)) for name in ELASTIC_ORDER_SETTINGS),
+            tokens = getattr(self, "tokens_per_sample", None)
+            layout = loader_layout(
+                self._items_loader(), world_size, accumulate_grad_batches, tokens
             )
+            assert layout is not None, "a plain shuffled or sequential loader"
+            return layout
         if self._layout is not None and self._layout.world_size == world_size:
             return self._layout
         # One process needs no other rank's view: its own dataset answers. Other world
@@ -376,5 +356,16 @@ class StreamingDataModule(pl.LightningDataModule):
         )
 
 
-def _as_is(batch: Any) -> Any:
-    return batch
+class ItemsOf(Dataset):
+    """A ``StreamingDataset`` read by index (``dataset[i]``): a map-style dataset, so that
+    the train loader can take the global order's sampler."""
+
+    def __init__(self, dataset: StreamingDataset) -> None:
+        self.dataset = dataset
+        self.length = len(dataset)  # every item: read as one rank, no shuffle, no drop
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]

@@ -1,0 +1,117 @@
+"""The global sample order in a fit: every map-style train loader trains in it.
+
+Lightning splits a map-style train loader over ranks with its ``DistributedSampler``,
+whose split depends on the world size and which restarts its epoch after a mid-epoch
+resume (Lightning has no position to give it back). ``PlannedTrainer`` puts a
+:class:`~train_template.order.GlobalOrderSampler` where Lightning would put that
+sampler (``seam.replace_train_sampler``), on one process too, so that any such loader,
+the template's ``StreamingDataModule`` or a user's plain ``DataLoader(dataset,
+batch_size, shuffle=True)``, trains every optimizer step on the same samples on every
+layout, and resumes mid-epoch exactly, from the trainer's restored global step.
+
+Which loaders: a ``DataLoader`` over a map-style dataset whose batches come from torch's
+own ``BatchSampler`` over a ``RandomSampler`` (``shuffle=True``) or a
+``SequentialSampler`` (``shuffle=False``), i.e. what ``DataLoader(dataset, batch_size,
+shuffle, drop_last)`` builds. A loader with a sampler of its own (weighted, bucketed)
+decides its own order: it keeps Lightning's ``DistributedSampler`` and the same-layout
+resume rules (``plan.RESUME_KEYS``), and so does a run with ``use_distributed_sampler``
+off. The order's seed is the loader's generator seed (``DataLoader(generator=...)``),
+else the run's ``seed_everything`` seed, as Lightning's ``DistributedSampler`` takes it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+from train_template import seam
+from train_template.order import GlobalOrder, GlobalOrderSampler, global_order_layout
+from train_template.plan import TrainLayout
+
+
+@dataclass(frozen=True)
+class LoaderOrder:
+    """What a plain map-style train loader says about its order."""
+
+    num_samples: int
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    seed: int
+
+    def global_order(self, world_size: int, accumulate_grad_batches: int) -> GlobalOrder:
+        return GlobalOrder(
+            self.num_samples,
+            world_size * self.batch_size * accumulate_grad_batches,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+        )
+
+
+def loader_order(loader: Any) -> LoaderOrder | None:
+    """The order settings of a loader the global order can take over; None for any other
+    (an iterable dataset, a custom sampler or batch sampler)."""
+    if not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return None
+    batch_sampler, sampler = loader.batch_sampler, loader.sampler
+    if type(batch_sampler) is not BatchSampler:
+        return None
+    if type(sampler) is RandomSampler:
+        if sampler.replacement or sampler.num_samples != len(loader.dataset):
+            return None  # draws with replacement or a set count: its own order
+        shuffle = True
+        generator = sampler.generator
+    elif type(sampler) is SequentialSampler:
+        shuffle, generator = False, None
+    else:
+        return None
+    seed = (
+        generator.initial_seed()
+        if generator is not None
+        else int(os.environ.get("PL_GLOBAL_SEED", 0))  # Lightning's DistributedSampler seed
+    )
+    return LoaderOrder(len(loader.dataset), loader.batch_size, shuffle, loader.drop_last, seed)
+
+
+def loader_layout(
+    loader: Any, world_size: int, accumulate_grad_batches: int, tokens_per_sample: int | None
+) -> TrainLayout | None:
+    """The layout ``loader`` trains in under the global order (None: not taken over)."""
+    settings = loader_order(loader)
+    if settings is None:
+        return None
+    order = settings.global_order(world_size, accumulate_grad_batches)
+    return global_order_layout(order, world_size, settings.batch_size, tokens_per_sample)
+
+
+def ordered_train_loader(loader: Any, trainer: Any) -> DataLoader | None:
+    """``loader`` with this rank's :class:`GlobalOrderSampler` in place of its sampler,
+    positioned at the trainer's restored step; None when the loader keeps its own order.
+
+    Called when Lightning prepares the train loader (after the checkpoint is restored,
+    with the plan's accumulation on the trainer), on every rank."""
+    settings = loader_order(loader)
+    plan = getattr(trainer, "training_plan", None)
+    if settings is None or plan is None or not plan.data_order.get("elastic"):
+        return None
+    order = settings.global_order(trainer.world_size, trainer.accumulate_grad_batches)
+    # Where the run stands: the plan's steps per epoch (limit_train_batches included),
+    # counted from the restored global step; an end-of-epoch checkpoint whose epoch
+    # counter has not moved on yet starts the next epoch.
+    epoch = seam.epochs_started(trainer)
+    start = trainer.global_step - epoch * plan.steps_per_epoch
+    if start >= plan.steps_per_epoch:
+        epoch, start = epoch + start // plan.steps_per_epoch, start % plan.steps_per_epoch
+    sampler = GlobalOrderSampler(
+        order,
+        trainer.world_size,
+        trainer.global_rank,
+        settings.batch_size,
+        epoch=epoch,
+        start_step=max(0, start),
+    )
+    return seam.loader_with_sampler(loader, sampler)
