@@ -95,7 +95,7 @@ def test_world_size_too_large_for_the_data(tmp_path):
         ),
         check=False,
     )
-    assert result.returncode == 2 and "yields 0 batches per rank" in result.stderr
+    assert result.returncode == 2 and "fewer than one global batch of 16" in result.stderr
 
 
 def test_sbatch_script_is_valid_shell():

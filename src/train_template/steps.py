@@ -24,6 +24,9 @@ At a **resume** (the checkpoint restored, ``on_load_checkpoint`` and ``load_stat
   4. every rank's saved RNG states are kept to put back at the first batch.
 
 At **train start** (the loader built and restored)
+  (before it) Lightning prepares the train loader: a plain map-style one gets the global
+     order's sampler, positioned at the restored step (``elastic.py``, installed by
+     ``PlannedTrainer`` where Lightning would put its ``DistributedSampler``);
   5. every rank's real batch count is gathered and checked against the plan;
   6. the step limit is set to the plan's ``max_steps``; the plan is printed (rank 0) and
      written to ``<log_dir>/plan.json``;

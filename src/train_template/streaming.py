@@ -47,7 +47,7 @@ from train_template.shards import SPLITS
 # The settings that fix which samples come in which order in litdata's own stream
 # (--data.elastic false; with batch_size, which the plan holds anyway): a resume must
 # keep them (plan.RESUME_KEYS). In the global order the workers only share the work.
-ORDER_SETTINGS = ("shuffle", "drop_last", "seed", "num_workers")
+ORDER_SETTINGS = ("shuffle", "drop_last", "seed", "num_workers", "elastic")
 
 
 class StreamingDataModule(pl.LightningDataModule):
