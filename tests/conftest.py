@@ -194,9 +194,11 @@ def last_step(run_dir: Path) -> int:
 
 
 def kill_after_checkpoint(
-    cmd: list[str], run_dir: Path, min_step: int, env: dict | None = None
+    cmd: list[str], run_dir: Path | str, min_step: int, env: dict | None = None, step_of=None
 ) -> int:
-    """Start training, SIGKILL its whole process group once last.ckpt reaches min_step."""
+    """Start training, SIGKILL its whole process group once last.ckpt reaches min_step
+    (``step_of(run_dir)`` reads its step; a local run folder by default)."""
+    step_of = step_of or last_step
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -206,7 +208,7 @@ def kill_after_checkpoint(
         start_new_session=True,
     )
     deadline = time.monotonic() + 240
-    while (step := last_step(run_dir)) < min_step:
+    while (step := step_of(run_dir)) < min_step:
         assert proc.poll() is None, "training ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.005)

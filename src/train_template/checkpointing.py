@@ -9,8 +9,9 @@ process killed mid-write never leaves a partial file under a checkpoint's name
 
 from __future__ import annotations
 
+import io
+import posixpath
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from train_template import launch, seam
+from train_template import launch, seam, storage
 from train_template.errors import UserError
 from train_template.seam import ModelCheckpointSeam
 
@@ -133,10 +134,11 @@ def resolve_ckpt_path(
 ) -> str | None:
     """'last' and 'auto': the newest complete checkpoint of the run (by training progress,
     not file time); 'auto' starts fresh (None) only when the run has no checkpoint at
-    all. 'best': the best checkpoint that checkpoint records. Paths must be loadable."""
+    all. 'best': the best checkpoint that checkpoint records. Paths must be loadable.
+    ``checkpoint_dir`` and the files may be local or in object storage (``storage.py``)."""
     if ckpt_path is None:
         return None
-    directory = Path(checkpoint_dir)
+    directory = str(checkpoint_dir)
     if ckpt_path in ("last", "auto"):
         newest = newest_complete_checkpoint(directory, announce)
         if newest is None and ckpt_path == "last":
@@ -145,38 +147,37 @@ def resolve_ckpt_path(
                 "--trainer.default_root_dir, or use --ckpt_path auto to start fresh when "
                 "nothing was saved yet"
             )
-        return None if newest is None else str(newest)
+        return newest
     if ckpt_path == "best":
         return best_checkpoint(directory, announce)
-    if ckpt_path in ("hpc", "registry") or "://" in ckpt_path:
+    if ckpt_path in ("hpc", "registry"):
         return ckpt_path
-    if not Path(ckpt_path).is_file():
+    if not storage.exists(ckpt_path):
         raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-    if checkpoint_progress(Path(ckpt_path)) is None:
+    if checkpoint_progress(ckpt_path) is None:
         raise UserError(
             f"checkpoint {ckpt_path} is truncated or corrupt: resume from an earlier "
-            f"checkpoint in {Path(ckpt_path).parent} with --ckpt_path <file>"
+            f"checkpoint in {posixpath.dirname(ckpt_path)} with --ckpt_path <file>"
         )
     return ckpt_path
 
 
-def newest_complete_checkpoint(directory: Path, announce=rank_zero_info) -> Path | None:
+def newest_complete_checkpoint(directory: str, announce=rank_zero_info) -> str | None:
     """The checkpoint of ``directory`` furthest into training that loads.
 
     A process killed between writing a top-k file and ``last.ckpt``, or a ``last.ckpt``
     damaged on disk, must not dead-end a requeued job when a complete checkpoint is
-    right there. Damaged files are reported and left as they are; a fresh start over
-    them is refused, so nothing is ever overwritten.
+    right there. Damaged files are reported and set aside, never deleted; a fresh start
+    over them is refused, so nothing is ever overwritten.
     """
-    files = sorted(directory.glob("*.ckpt")) if directory.is_dir() else []
     complete, damaged = [], []
-    for path in files:
+    for path in storage.files_in(directory, "*.ckpt"):
         progress = checkpoint_progress(path)
         if progress is None:
-            damaged.append(path.name)
+            damaged.append(storage.name_of(path))
         else:
             # Ties (the same step saved twice) go to last.ckpt, the file a relaunch expects.
-            complete.append((progress, path.name == "last.ckpt", path))
+            complete.append((progress, storage.name_of(path) == "last.ckpt", path))
     if not complete:
         if damaged:
             raise UserError(
@@ -185,65 +186,75 @@ def newest_complete_checkpoint(directory: Path, announce=rank_zero_info) -> Path
             )
         return None
     progress, _, newest = max(complete)
-    if newest.name != "last.ckpt":
-        last = directory / "last.ckpt"
+    if storage.name_of(newest) != "last.ckpt":
+        last = storage.join(directory, "last.ckpt")
         if "last.ckpt" in damaged:
-            why = f"damaged (kept as {set_aside(last).name})"
+            why = f"damaged (kept as {storage.name_of(set_aside(last))})"
         else:
-            why = "older" if last.exists() else "missing"
+            why = "older" if storage.exists(last) else "missing"
         announce(
-            f"resuming from {newest.name} (global step {progress[0]}), the newest complete "
-            f"checkpoint in {directory}: last.ckpt is {why}"
+            f"resuming from {storage.name_of(newest)} (global step {progress[0]}), the newest "
+            f"complete checkpoint in {directory}: last.ckpt is {why}"
         )
     return newest
 
 
-def set_aside(path: Path) -> Path:
+def set_aside(path: str) -> str:
     """Rename a damaged checkpoint out of the way of the next save (never delete it).
 
     Only global rank 0 renames; other ranks resolving at the same moment find the
     file damaged, renamed or gone, and pick the same complete checkpoint either way."""
-    target = path.with_name(path.name + ".damaged")
+    target = f"{path}.damaged"
     index = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.damaged.{index}")
+    while storage.exists(target):
+        target = f"{path}.damaged.{index}"
         index += 1
-    if launch.global_rank_from_env() == 0 and path.exists():
-        path.rename(target)
+    if launch.global_rank_from_env() == 0 and storage.exists(path):
+        storage.move(path, target)
     return target
 
 
-def checkpoint_progress(path: Path) -> tuple[int, int, int] | None:
-    """(global step, epochs completed, batches completed) of a loadable checkpoint;
-    None when the file is truncated or damaged. Tensors are memory-mapped, not read."""
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint's contents for reading (raises on a damaged file). Local tensors are
+    memory-mapped, not read; a checkpoint in object storage is read once, into memory."""
     import torch
 
+    if storage.is_url(path):
+        source: Any = io.BytesIO(storage.read_bytes(path))
+        options = {}
+    else:
+        source, options = str(path), {"mmap": True}
+    with zipfile.ZipFile(source) as archive:  # a truncated file has no complete directory
+        if not any(name.endswith("data.pkl") for name in archive.namelist()):
+            raise ValueError(f"{path} is not a torch checkpoint")
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    return torch.load(source, weights_only=True, map_location="cpu", **options)
+
+
+def checkpoint_progress(path: str) -> tuple[int, int, int] | None:
+    """(global step, epochs completed, batches completed) of a loadable checkpoint;
+    None when the file is truncated or damaged."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            if not any(name.endswith("data.pkl") for name in archive.namelist()):
-                return None
-        checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-        return seam.checkpoint_progress_of(checkpoint)
+        return seam.checkpoint_progress_of(read_checkpoint(path))
     except Exception:  # noqa: BLE001 - any failure to load means "not resumable"
         return None
 
 
-def best_checkpoint(directory: Path, announce=rank_zero_info) -> str:
+def best_checkpoint(directory: str, announce=rank_zero_info) -> str:
     """The best checkpoint recorded by the checkpoint callback in the newest checkpoint."""
-    import torch
-
     newest = newest_complete_checkpoint(directory, announce)
     if newest is None:
         raise UserError(
             f"--ckpt_path best: there is no checkpoint in {directory} to read the best from"
         )
-    callbacks = torch.load(newest, weights_only=True, map_location="cpu").get("callbacks", {})
+    callbacks = read_checkpoint(newest).get("callbacks", {})
     paths = [
         state.get("best_model_path")
         for key, state in callbacks.items()
         if key.startswith(RunCheckpoint.__name__) and isinstance(state, dict)
     ]
-    best = next((p for p in paths if p and Path(p).is_file()), None)
+    best = next((p for p in paths if p and storage.exists(p)), None)
     if best is None:
         raise UserError(
             f"--ckpt_path best: {newest} records no existing best checkpoint: use --ckpt_path last"

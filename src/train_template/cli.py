@@ -32,7 +32,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser
 
-from train_template import launch
+from train_template import launch, storage
 from train_template.checkpointing import RunCheckpoint, resolve_ckpt_path
 from train_template.distributed import DistributedOptions, lost_peer_line
 from train_template.errors import UserError
@@ -115,7 +115,7 @@ class TemplateCLI(CLISeam):
         trainer.default_root_dir = root
         if config.checkpoint.dirpath is None:
             # Fixed across relaunches: a new logger version must not hide last.ckpt.
-            config.checkpoint.dirpath = str(Path(root) / "checkpoints")
+            config.checkpoint.dirpath = storage.join(root, "checkpoints")
         if trainer.accumulate_grad_batches is not None and trainer.accumulate_grad_batches < 1:
             raise UserError(
                 f"--trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: must be at least 1"
@@ -125,18 +125,10 @@ class TemplateCLI(CLISeam):
                 f"--distributed.timeout_s={config.distributed.timeout_s}: must be a positive "
                 "number of seconds (the longest a rank waits for a peer)"
             )
-        if trainer.logger in (None, True):
-            trainer.logger = default_loggers(root)
         if self.subcommand != "plan":  # the dry run writes nothing and starts no processes
-            if "://" in root:
-                # The resume machinery (newest complete checkpoint, damaged files kept, no
-                # overwrite) is written for a file system; a URL would silently start over.
-                raise UserError(
-                    f"--trainer.default_root_dir={root}: checkpoints and logs in object "
-                    "storage are not supported yet: use a local or shared-filesystem "
-                    "directory (the data may stay in object storage: --data.data_dir s3://...)"
-                )
             check_writable(root)
+            if trainer.logger in (None, True):
+                trainer.logger = default_loggers(root)
             trainer.devices, trainer.num_nodes = launch.torchrun_layout(
                 trainer.devices, trainer.num_nodes
             )
@@ -193,17 +185,11 @@ def default_loggers(root: str) -> list[dict]:
     ]
 
 
-def next_log_version(root: str) -> int | None:
-    """The next free ``version_N`` under ``<root>/logs`` (as Lightning's loggers count);
-    None for a URL (each logger then counts for itself)."""
-    if "://" in root:
-        return None
-    logs = Path(root) / "logs"
-    taken = [
-        int(p.name.removeprefix("version_"))
-        for p in (logs.iterdir() if logs.is_dir() else [])
-        if p.name.removeprefix("version_").isdigit()
-    ]
+def next_log_version(root: str) -> int:
+    """The next free ``version_N`` under ``<root>/logs`` (as Lightning's loggers count),
+    local or in object storage."""
+    names = storage.names_in(storage.join(root, "logs"))
+    taken = [int(n.removeprefix("version_")) for n in names if n.removeprefix("version_").isdigit()]
     return max(taken, default=-1) + 1
 
 
@@ -214,27 +200,27 @@ def _cuda_available() -> bool:
 
 
 def check_writable(root: str) -> None:
-    """Fail before any work when the run directory cannot be created or written."""
-    if "://" in root:
-        return
+    """Fail before any work when the run directory cannot be created or written (an
+    object store: no such bucket, bad credentials, no endpoint)."""
     try:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        probe = Path(root) / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
+        storage.check_writable(root)
+    except Exception as error:  # noqa: BLE001 - OSError, or the object store's own errors
+        reason = (
+            getattr(error, "strerror", None) or str(error).splitlines()[0] or type(error).__name__
+        )
+        where = "choose a directory you can write to"
+        if storage.is_url(root):
+            where = "check the bucket and the AWS_* settings (AWS_ENDPOINT_URL, keys)"
         raise UserError(
-            f"--trainer.default_root_dir={root} is not writable ({error.strerror}): "
-            "choose a directory you can write to"
+            f"--trainer.default_root_dir={root} is not writable ({reason}): {where}"
         ) from None
 
 
 def refuse_to_overwrite(checkpoint_dir: str) -> None:
     """A fresh fit must not replace an earlier run's checkpoints of the same names."""
-    directory = Path(checkpoint_dir)
-    if directory.is_dir() and any(directory.glob("*.ckpt")):
+    if storage.files_in(checkpoint_dir, "*.ckpt"):
         raise UserError(
-            f"{directory} already holds checkpoints of an earlier run: resume it with "
+            f"{checkpoint_dir} already holds checkpoints of an earlier run: resume it with "
             "--ckpt_path last (or auto), or start a new run with another --trainer.default_root_dir"
         )
 

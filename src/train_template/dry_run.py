@@ -77,14 +77,12 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
 
 def resumed_from(ckpt_path: str, checkpoint_dir: str) -> dict:
     """The saved plan and global step of ``--ckpt_path`` (``last``/``auto``/a file)."""
-    import torch
-
-    from train_template.checkpointing import resolve_ckpt_path
+    from train_template.checkpointing import read_checkpoint, resolve_ckpt_path
 
     path = resolve_ckpt_path(ckpt_path, checkpoint_dir, announce=lambda *_: None)
     if path is None:
         raise UserError(f"--ckpt_path {ckpt_path}: there is no checkpoint in {checkpoint_dir}")
-    checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    checkpoint = read_checkpoint(path)
     saved = checkpoint.get("callbacks", {}).get("RunMachinery", {}).get("plan")
     if saved is None:
         raise UserError(f"--ckpt_path {path}: the checkpoint holds no training plan")

@@ -31,28 +31,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from train_template.storage import is_url, read_text, url_fs
+
 SPLITS = ("train", "val", "test")
 METADATA_FILE = "dataset.json"
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    """An object-storage (fsspec) URL rather than a local path."""
-    return "://" in str(path)
-
-
-def url_fs(url: str) -> tuple[Any, str]:
-    """The fsspec filesystem of ``url`` and the path inside it."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
-
-
-def read_text(path: str | os.PathLike) -> str | None:
-    """A small file's text, local or in object storage; None when it does not exist."""
-    if not is_url(path):
-        return Path(path).read_text() if Path(path).is_file() else None
-    fs, inner = url_fs(str(path))
-    return fs.cat_file(inner).decode() if fs.exists(inner) else None
 
 
 @contextmanager

@@ -68,6 +68,8 @@ At the **end of the fit**
 from __future__ import annotations
 
 import dataclasses
+import posixpath
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +78,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from train_template import seam
+from train_template import seam, storage
 from train_template.checkpointing import gathered_rng_states, restore_rng_states
 from train_template.errors import UserError
 from train_template.guards import FiniteGuard
@@ -250,7 +252,7 @@ class RunMachinery(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = trainer.log_dir  # a broadcast in DDP: every rank must ask
         if trainer.is_global_zero and log_dir is not None:
-            draw_training_plot(trainer, Path(log_dir), self.plan)
+            draw_training_plot(trainer, log_dir, self.plan)
 
     # -- save (16-17) ---------------------------------------------------------------
 
@@ -265,22 +267,27 @@ class RunMachinery(Callback):
         return {"plan": self.plan.to_dict(), "rng": gathered_rng_states()}
 
 
-def draw_training_plot(trainer: pl.Trainer, log_dir: Path, plan: TrainingPlan | None) -> None:
-    """``training.png`` from the CSV logger's files (none without a CSV logger)."""
+def draw_training_plot(trainer: pl.Trainer, log_dir: str, plan: TrainingPlan | None) -> None:
+    """``training.png`` from the CSV logger's files (none without a CSV logger); in
+    object storage the run's ``metrics.csv`` files are read into a local folder first."""
     csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
-    if not csv_loggers or "://" in str(log_dir):
+    if not csv_loggers:
         return
     for logger in trainer.loggers:
         logger.save()  # the rows still in memory
-    out = plot_run(Path(csv_loggers[0].log_dir).parent, log_dir / PLOT_FILE, plan)
-    if out is not None:
-        rank_zero_info(f"training plot: {out}")
+    log_root = posixpath.dirname(str(csv_loggers[0].log_dir).rstrip("/"))
+    with storage.local_copy(log_root, "*/metrics.csv") as local_root:
+        with tempfile.TemporaryDirectory() as scratch:
+            out = plot_run(Path(local_root), Path(scratch) / PLOT_FILE, plan)
+            if out is None:
+                return
+            target = storage.join(log_dir, PLOT_FILE)
+            storage.write_bytes(target, out.read_bytes())
+    rank_zero_info(f"training plot: {target}")
 
 
 def write_plan(plan: TrainingPlan, log_dir: str) -> None:
-    path = Path(log_dir) / PLAN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(plan.to_json())
+    storage.write_text(storage.join(log_dir, PLAN_FILE), plan.to_json())
 
 
 def scale_short_window(trainer: pl.Trainer, plan: TrainingPlan, optimizer: Any) -> None:

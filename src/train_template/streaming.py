@@ -37,7 +37,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from litdata import StreamingDataLoader, StreamingDataset
 from torch.utils.data import DataLoader, Dataset
 
-from train_template import seam, shards
+from train_template import seam, storage
 from train_template.elastic import loader_layout
 from train_template.errors import UserError
 from train_template.even_batches import EvenBatchesLoader
@@ -117,9 +117,9 @@ class StreamingDataModule(pl.LightningDataModule):
         return f"run `{command}` or point it at your shards"
 
     def split_dir(self, split: str) -> str:
-        if shards.is_url(self.data_dir):
+        if storage.is_url(self.data_dir):
             url = f"{self.data_dir.rstrip('/')}/{split}"
-            if shards.read_text(f"{url}/index.json") is None:
+            if storage.read_text(f"{url}/index.json") is None:
                 raise UserError(
                     f"--data.data_dir={self.data_dir} holds no litdata shards for '{split}' "
                     f"(no {split}/index.json): {self._how_to('build')}"
@@ -157,7 +157,7 @@ class StreamingDataModule(pl.LightningDataModule):
 
     def split_size(self, split: str) -> int:
         """Samples in a split, from its litdata index (before sharding and drop_last)."""
-        index = json.loads(shards.read_text(f"{self.split_dir(split)}/index.json") or "{}")
+        index = json.loads(storage.read_text(f"{self.split_dir(split)}/index.json") or "{}")
         return sum(chunk["chunk_size"] for chunk in index["chunks"])
 
     def make_dataset(self, split: str) -> StreamingDataset:
@@ -166,7 +166,7 @@ class StreamingDataModule(pl.LightningDataModule):
         training = split == "train" and not self.elastic
         split_dir = self.split_dir(split)
         self.check_shards(split_dir)
-        if shards.is_url(split_dir):
+        if storage.is_url(split_dir):
             seam.allow_plain_http_object_store()
         try:
             dataset = StreamingDataset(

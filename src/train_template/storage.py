@@ -1,0 +1,148 @@
+"""Run files on a local disk or in object storage, through one fsspec interface.
+
+Checkpoints, ``plan.json`` and the logs of a run live under ``--trainer.default_root_dir``,
+which may be a local path or an object-storage URL (``s3://bucket/prefix``; s3fs, the
+fsspec backend Lightning itself writes checkpoints through, reads ``AWS_ENDPOINT_URL``
+and the other ``AWS_*`` variables). The resume machinery (which checkpoint is the newest
+complete one, damaged files set aside, no overwrite of an earlier run) calls these
+functions and works the same on both. Paths are strings: a URL keeps its scheme.
+
+Object storage has no rename: :func:`move` is a copy and a delete. A checkpoint is still
+never half-written under its name: Lightning writes it with one upload that becomes
+visible only when complete (an S3 PUT or a completed multipart upload).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """An object-storage (fsspec) URL rather than a local path."""
+    return "://" in str(path)
+
+
+def url_fs(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the path inside it."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def join(directory: str, *names: str) -> str:
+    """``directory/name``, keeping a URL's ``scheme://`` (``Path`` would fold it)."""
+    if is_url(directory):
+        return posixpath.join(str(directory).rstrip("/"), *names)
+    return str(Path(directory, *names))
+
+
+def name_of(path: str) -> str:
+    return posixpath.basename(str(path).rstrip("/"))
+
+
+def _with_scheme(url: str, inner: str) -> str:
+    return f"{str(url).split('://', 1)[0]}://{inner}"
+
+
+def exists(path: str) -> bool:
+    if not is_url(path):
+        return Path(path).exists()
+    fs, inner = url_fs(path)
+    return fs.exists(inner)
+
+
+def files_in(directory: str, pattern: str) -> list[str]:
+    """The files of ``directory`` matching ``pattern`` (``*.ckpt``), sorted."""
+    if not is_url(directory):
+        folder = Path(directory)
+        return sorted(str(p) for p in folder.glob(pattern)) if folder.is_dir() else []
+    fs, inner = url_fs(directory)
+    fs.invalidate_cache()  # another process (a killed run, rank 0) may have written since
+    return sorted(_with_scheme(directory, p) for p in fs.glob(f"{inner.rstrip('/')}/{pattern}"))
+
+
+def names_in(directory: str) -> list[str]:
+    """Names of the entries of ``directory`` (none when it does not exist)."""
+    if not is_url(directory):
+        folder = Path(directory)
+        return [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    fs, inner = url_fs(directory)
+    fs.invalidate_cache()
+    try:
+        return [name_of(p) for p in fs.ls(inner, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def read_bytes(path: str) -> bytes:
+    if not is_url(path):
+        return Path(path).read_bytes()
+    fs, inner = url_fs(path)
+    return fs.cat_file(inner)
+
+
+def read_text(path: str | os.PathLike) -> str | None:
+    """A small file's text, local or in object storage; None when it does not exist."""
+    if not is_url(path):
+        return Path(path).read_text() if Path(path).is_file() else None
+    fs, inner = url_fs(str(path))
+    return fs.cat_file(inner).decode() if fs.exists(inner) else None
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    if not is_url(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data)
+        return
+    fs, inner = url_fs(path)
+    fs.pipe_file(inner, data)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+@contextmanager
+def local_copy(directory: str, pattern: str) -> Iterator[str]:
+    """``directory`` itself when local; else a temporary local folder holding its files
+    that match ``pattern`` (``*/metrics.csv``) at the same relative paths."""
+    if not is_url(directory):
+        yield str(directory)
+        return
+    fs, inner = url_fs(directory)
+    fs.invalidate_cache()
+    inner = inner.rstrip("/")
+    with tempfile.TemporaryDirectory() as local:
+        for path in fs.glob(f"{inner}/{pattern}"):
+            target = Path(local, path[len(inner) + 1 :])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(fs.cat_file(path))
+        yield local
+
+
+def move(source: str, target: str) -> None:
+    if not is_url(source):
+        Path(source).rename(target)
+        return
+    fs, inner = url_fs(source)
+    fs.mv(inner, url_fs(target)[1])
+
+
+def check_writable(root: str) -> None:
+    """Write and delete a probe file under ``root``; raises OSError (or the store's
+    error: no bucket, bad credentials, no endpoint) when that fails."""
+    probe = join(root, f".write-test-{os.getpid()}")
+    if not is_url(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        Path(probe).write_text("")
+        Path(probe).unlink()
+        return
+    fs, inner = url_fs(probe)
+    fs.pipe_file(inner, b"")
+    fs.rm_file(inner)
