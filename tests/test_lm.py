@@ -218,6 +218,7 @@ def test_lm_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, token_d
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # torchrun runs by default in tests/test_hosts.py; lm.yaml in the tests above
 def test_torchrun_two_processes_run_lm_yaml_and_predict_writes_text(tmp_path, token_data):
     from test_launch import free_port
 

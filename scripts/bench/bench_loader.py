@@ -1,5 +1,8 @@
-"""StreamingDataLoader throughput over optimized shards vs the same arrays from a numpy
-memmap through a plain DataLoader (num_workers 0, 1, 2; same batch size and collate work).
+"""Train-loader throughput over optimized shards, in both orders the template has: the
+global order (the default: items read by index through a map-style loader and the
+``GlobalOrderSampler``) and litdata's own ``StreamingDataLoader`` (``--data.elastic
+false``, chunk by chunk), vs the same arrays from a numpy memmap through a plain
+DataLoader (num_workers 0, 1, 2; same batch size and collate work).
 
     .venv/bin/python scripts/bench/bench_loader.py [--samples 100000] [--repeats 5]
 """
@@ -16,6 +19,9 @@ from common import bench_args, interleave, machine, synthetic_source, table
 
 from examples.digits.data import DigitsDataModule
 from examples.digits.prepare import prepare
+from train_template import seam
+from train_template.elastic import loader_order
+from train_template.order import GlobalOrderSampler
 
 BATCH = 256
 
@@ -66,9 +72,17 @@ def main() -> None:
         )
         for workers in (0, 1, 2):
             data = DigitsDataModule(
+                str(tmp / "shards"), batch_size=BATCH, num_workers=workers, shuffle=True,
+                elastic=False,
+            )  # fmt: skip
+            data.setup("fit")
+            elastic = DigitsDataModule(
                 str(tmp / "shards"), batch_size=BATCH, num_workers=workers, shuffle=True
             )
-            data.setup("fit")
+            elastic.setup("fit")
+            items = elastic.train_dataloader()  # what the trainer is handed, then given:
+            order = loader_order(items).global_order(world_size=1, accumulate_grad_batches=1)
+            ordered = seam.loader_with_sampler(items, GlobalOrderSampler(order, 1, 0, BATCH))
             memmap = torch.utils.data.DataLoader(
                 MemmapImages(tmp / "images.npy", labels),
                 batch_size=BATCH,
@@ -82,6 +96,7 @@ def main() -> None:
                 {
                     "numpy memmap DataLoader": lambda m=memmap: samples_per_second(m),
                     "StreamingDataLoader": lambda s=streaming: samples_per_second(s),
+                    "global order (default)": lambda o=ordered: samples_per_second(o),
                 },
                 args.repeats,
             )
