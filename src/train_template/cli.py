@@ -249,12 +249,10 @@ def main(args: list[str] | None = None) -> None:
             raise
         _fail(parser_error_line(str(error)))
     except RuntimeError as error:
-        lost = lost_peer_line(error)
+        lost = lost_peer_line(error) or storage.outage_line(error)
         if lost:
             # The group cannot be closed without the lost peer: leave without waiting.
-            sys.stdout.flush()
-            print(_error_line(lost), file=sys.stderr, flush=True)
-            os._exit(1)
+            _leave(lost)
         # torch's strict load_state_dict lists every key over many lines: name the first.
         if "Error(s) in loading state_dict" not in str(error):
             raise
@@ -266,6 +264,9 @@ def main(args: list[str] | None = None) -> None:
     except Exception as error:  # jsonargparse reports bad options with its own type
         if type(error).__name__ == "ArgumentError":
             _fail(with_renamed_hint(parser_error_line(str(error))))
+        if outage := storage.outage_line(error):
+            # Other ranks may wait in a collective for this one: leave without waiting.
+            _leave(outage)
         raise
 
 
@@ -329,6 +330,15 @@ def parser_error_line(message: str) -> str:
 def _error_line(message: str) -> str:
     rank = launch.global_rank_from_env()
     return f"{'error' if rank == 0 else f'error (rank {rank})'}: {message}"
+
+
+def _leave(message: str) -> None:
+    """One error line and exit status 1 at once: a fault of the run's surroundings (a
+    lost peer, an object store gone), not of its settings; no clean-up that could wait
+    on a peer or on the store."""
+    sys.stdout.flush()
+    print(_error_line(message), file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _fail(message: str) -> None:

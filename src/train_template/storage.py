@@ -146,3 +146,42 @@ def check_writable(root: str) -> None:
     fs, inner = url_fs(probe)
     fs.pipe_file(inner, b"")
     fs.rm_file(inner)
+
+
+# What an object store that stopped answering raises, by the libraries between it and the
+# run: botocore under s3fs (checkpoints, logs, plan.json), aiohttp under aiobotocore,
+# obstore under litdata (chunk reads). Matched by name: none of them is imported here.
+_UNREACHABLE = (
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+)
+_UNREACHABLE_TEXT = (
+    "Could not connect to the endpoint URL",
+    "error sending request",
+    "Connection refused",
+)
+
+
+def outage_line(error: BaseException) -> str | None:
+    """One line for an object store that stopped answering mid-run (None: another error).
+
+    The run cannot go on, and nothing is lost: a checkpoint upload appears only when
+    complete, so the newest complete checkpoint is the one ``--ckpt_path auto`` finds."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if type(current).__name__ in _UNREACHABLE or any(t in text for t in _UNREACHABLE_TEXT):
+            first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+            return (
+                f"the object store stopped answering ({type(current).__name__}: {first[:160]}): "
+                "the checkpoints it holds are complete (an upload cut short leaves none); "
+                "once it answers again, relaunch with --ckpt_path auto"
+            )
+        current = current.__cause__ or current.__context__
+    return None
