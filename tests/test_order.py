@@ -85,3 +85,24 @@ def test_a_global_batch_the_layout_cannot_share_is_refused():
     with pytest.raises(ValueError):
         accumulation_of(48, 5, 4)
     assert [accumulation_of(48, w, b) for w, b in itertools.islice(LAYOUTS, 3)] == [48, 24, 16]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3, 4])
+def test_loader_workers_hand_out_the_ranks_batches_in_order(workers):
+    """The sampler in a real DataLoader (fork workers): any worker count yields each
+    rank's micro-batches of the order, resumed at a step, in order."""
+    from torch.utils.data import BatchSampler, DataLoader
+
+    from train_template.order import GlobalOrderSampler
+
+    order = GlobalOrder(203, GLOBAL_BATCH, seed=5)
+    for world_size, batch_size, rank, start in ((1, 48, 0, 0), (4, 6, 3, 2), (3, 8, 1, 4)):
+        sampler = GlobalOrderSampler(order, world_size, rank, batch_size, start_step=start)
+        loader = DataLoader(
+            list(range(203)),
+            batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
+            num_workers=workers,
+        )
+        got = [batch.tolist() for batch in loader]
+        assert got == list(order.rank_batches(0, world_size, rank, batch_size, start))
+        assert len(loader) == order.steps_per_epoch * GLOBAL_BATCH // (world_size * batch_size)

@@ -327,6 +327,16 @@ def allow_plain_http_object_store(environ: Any = None) -> bool:
     return True
 
 
+def read_whole_chunks(dataset: Any) -> None:
+    """Reads by index (``dataset[i]``, the global order) download each remote chunk whole
+    into litdata's cache and keep it there. litdata 0.2.76's default for index reads
+    fetches every item's bytes with a ranged request of its own (measured: 70 items/s
+    from a store on loopback, 14 ms a request). The public ``on_demand_bytes`` setter
+    needs the dataset's cache, which each loader worker creates lazily from the private
+    ``_on_demand_bytes``; setting that one reaches every worker."""
+    dataset._on_demand_bytes = False
+
+
 def view_as_rank(dataset: Any, world_size: int, rank: int) -> Any:
     """Set the rank a ``StreamingDataset`` reads as, always as one node.
 

@@ -199,6 +199,7 @@ class StreamingDataModule(pl.LightningDataModule):
         # Only chunk-cache locality on remote data is given up.
         detected = dataset.distributed_env
         if split == "train" and self.elastic:  # read by index: every rank sees every item
+            seam.read_whole_chunks(dataset)
             return seam.view_as_rank(dataset, 1, 0)
         return seam.view_as_rank(dataset, detected.world_size, detected.global_rank)
 
@@ -373,3 +374,12 @@ class ItemsOf(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """A whole micro-batch (torch's loader asks for it in one call): read in index
+        order, i.e. chunk by chunk and in file order within a chunk, and returned in the
+        order asked for. litdata pays for every switch of chunk (a round trip through its
+        download thread for remote data, a page read locally); a random batch read in
+        its own order switches at almost every item."""
+        items = {index: self.dataset[index] for index in sorted(set(indices))}
+        return [items[index] for index in indices]
