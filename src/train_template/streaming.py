@@ -28,6 +28,7 @@ topic trains on one topic at a time.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +369,7 @@ class ItemsOf(Dataset):
     def __init__(self, dataset: StreamingDataset) -> None:
         self.dataset = dataset
         self.length = len(dataset)  # every item: read as one rank, no shuffle, no drop
+        self.mapped_in: int | None = None  # the process whose reader maps every chunk
 
     def __len__(self) -> int:
         return self.length
@@ -381,5 +383,10 @@ class ItemsOf(Dataset):
         order asked for. litdata pays for every switch of chunk (a round trip through its
         download thread for remote data, a page read locally); a random batch read in
         its own order switches at almost every item."""
-        items = {index: self.dataset[index] for index in sorted(set(indices))}
+        ordered = sorted(set(indices))
+        items = {ordered[0]: self.dataset[ordered[0]]}
+        if self.mapped_in != os.getpid():  # litdata's reader exists after a read, per process
+            self.mapped_in = os.getpid()
+            seam.map_every_chunk(self.dataset)
+        items.update((index, self.dataset[index]) for index in ordered[1:])
         return [items[index] for index in indices]
