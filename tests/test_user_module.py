@@ -2,7 +2,8 @@
 this template, get its guarantees through ``--model`` / ``--data``: the scheduler they
 size from ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` is exactly
 as long as the plan and the steps executed, whatever sets the length, and a SIGKILL
-after a mid-epoch checkpoint resumes to bitwise-identical weights (world size 1 and 2).
+after a mid-epoch checkpoint of a plain map-style ``DataLoader`` resumes to
+bitwise-identical weights (world size 1 and 2).
 """
 
 from __future__ import annotations
@@ -112,7 +113,10 @@ def test_map_style_data_module_gets_an_exact_plan(tmp_path, shards):
     "world_size", [1, pytest.param(2, marks=[pytest.mark.ddp, pytest.mark.slow])]
 )
 def test_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, shards, world_size):
+    """The docs-style module on the docs-style map-style data module: Lightning itself
+    would restart the epoch's sampler; the template's sampler resumes mid-epoch."""
     extra = [
+        *MAP_STYLE_DATA,
         "--data.batch_size",
         "23",
         "--trainer.max_epochs",

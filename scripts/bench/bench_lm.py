@@ -27,6 +27,9 @@ from common import REPO, machine
 
 from examples.lm.data import TokenDataModule  # noqa: E402
 from examples.lm.network import TinyTransformer  # noqa: E402
+from train_template import seam  # noqa: E402
+from train_template.elastic import loader_order  # noqa: E402
+from train_template.order import GlobalOrderSampler  # noqa: E402
 from train_template.schedule import LRSchedule, PlannedLRLambda  # noqa: E402
 
 
@@ -53,7 +56,11 @@ def raw_loop(max_tokens: int, config: dict) -> dict:
     data = TokenDataModule(**config["data"])
     data.prepare_data()
     data.setup("fit")
-    loader = data.train_dataloader()
+    # The template's order (the global order at one process): the same samples per step.
+    items = data.train_dataloader()
+    order = loader_order(items).global_order(world_size=1, accumulate_grad_batches=1)
+    sampler = GlobalOrderSampler(order, 1, 0, config["data"]["batch_size"])
+    loader = seam.loader_with_sampler(items, sampler)
     network = TinyTransformer(**config["network"])
     optimizer = torch.optim.AdamW(network.parameters(), **config["optimizer"])
     batch, context = config["data"]["batch_size"], config["data"]["context"]
@@ -64,9 +71,11 @@ def raw_loop(max_tokens: int, config: dict) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, PlannedLRLambda(schedule, warmup, max_steps)
     )
-    step, start = 0, time.perf_counter()
+    step, epoch, start = 0, 0, time.perf_counter()
     network.train()
     while step < max_steps:
+        sampler.set_epoch(epoch)
+        epoch += 1
         for batch in loader:
             batch = batch.long()
             logits = network(batch[:, :-1])
