@@ -10,6 +10,8 @@ server starts in ~2 s and is stopped by its pid at the end, also on failure."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,27 @@ def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path
 
     reference = tmp_path / "reference"  # checkpoints on the local disk
     run(train_cmd("fit", reference, url, *SHORT), env=store.env)
+
+    # The endpoint and keys in --data.storage_options instead of AWS_* (the CA stays in
+    # SSL_CERT_FILE for litdata's obstore client).
+    options = {
+        "endpoint_url": store.endpoint,
+        "aws_access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+        "region_name": "us-east-1",
+        "verify": store.env["AWS_CA_BUNDLE"],
+    }
+    validate = train_cmd(
+        "validate", tmp_path / "validate", url, "--data.storage_options", json_module.dumps(options),
+        "--ckpt_path", str(reference / "checkpoints" / "last.ckpt"),
+    )  # fmt: skip
+    without_aws = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    result = subprocess.run(
+        validate, capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**without_aws, "SSL_CERT_FILE": store.env["SSL_CERT_FILE"]},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val/acc" in result.stdout
 
     runs = f"s3://{store.bucket('template-runs')}/digits"
     killed_at = kill_after_checkpoint(

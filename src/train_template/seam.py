@@ -306,7 +306,7 @@ class CLISeam(LightningCLI):
 # -- litdata ---------------------------------------------------------------------------
 
 
-def allow_plain_http_object_store(environ: Any = None) -> bool:
+def allow_plain_http_object_store(endpoint: str | None = None, environ: Any = None) -> bool:
     """Let litdata's obstore client reach a plain-``http://`` S3 endpoint.
 
     litdata 0.2.76 builds every obstore ``S3Store`` with its own ``client_options``
@@ -318,7 +318,9 @@ def allow_plain_http_object_store(environ: Any = None) -> bool:
     it. HTTPS endpoints are left alone. Reported upstream with the pinned version.
     """
     environ = os.environ if environ is None else environ
-    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or ""
+    endpoint = (
+        endpoint or environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or ""
+    )
     if not endpoint.startswith("http://"):
         return False
     from litdata.streaming import downloader

@@ -28,11 +28,27 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
-def url_fs(url: str) -> tuple[Any, str]:
-    """The fsspec filesystem of ``url`` and the path inside it."""
+def url_fs(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the path inside it; ``storage_options`` are
+    litdata's (boto3 client arguments, ``--data.storage_options``), turned into s3fs's."""
     import fsspec
 
-    return fsspec.core.url_to_fs(url)
+    return fsspec.core.url_to_fs(url, **s3fs_options(storage_options or {}))
+
+
+def s3fs_options(boto3_options: dict) -> dict:
+    """litdata's ``storage_options`` (boto3 ``client()`` arguments: ``endpoint_url``,
+    ``aws_access_key_id``, ...) as s3fs arguments, so one setting serves both readers."""
+    options = dict(boto3_options)
+    renamed = {
+        "aws_access_key_id": "key",
+        "aws_secret_access_key": "secret",
+        "aws_session_token": "token",
+    }
+    result = {renamed[k]: options.pop(k) for k in list(options) if k in renamed}
+    if options:
+        result["client_kwargs"] = options  # endpoint_url, region_name, verify, ...
+    return result
 
 
 def join(directory: str, *names: str) -> str:
@@ -87,11 +103,11 @@ def read_bytes(path: str) -> bytes:
     return fs.cat_file(inner)
 
 
-def read_text(path: str | os.PathLike) -> str | None:
+def read_text(path: str | os.PathLike, storage_options: dict | None = None) -> str | None:
     """A small file's text, local or in object storage; None when it does not exist."""
     if not is_url(path):
         return Path(path).read_text() if Path(path).is_file() else None
-    fs, inner = url_fs(str(path))
+    fs, inner = url_fs(str(path), storage_options)
     return fs.cat_file(inner).decode() if fs.exists(inner) else None
 
 

@@ -74,6 +74,7 @@ class StreamingDataModule(pl.LightningDataModule):
         seed: int = 42,
         predict_split: str = "test",
         elastic: bool = True,
+        storage_options: dict | None = None,
     ) -> None:
         """
         Args:
@@ -90,6 +91,9 @@ class StreamingDataModule(pl.LightningDataModule):
                 any layout, so a checkpoint resumes on another number of devices or nodes.
                 ``false``: litdata's own stream (reads chunk by chunk; a resume must keep
                 the layout).
+            storage_options: For a ``data_dir`` URL: litdata's ``storage_options`` (boto3
+                client arguments such as ``endpoint_url``, ``aws_access_key_id``,
+                ``aws_secret_access_key``, ``verify``); default: the ``AWS_*`` variables.
         """
         super().__init__()
         if batch_size < 1:
@@ -106,6 +110,7 @@ class StreamingDataModule(pl.LightningDataModule):
         self.seed = seed
         self.predict_split = predict_split
         self.elastic = elastic
+        self.storage_options = dict(storage_options or {})
         self.datasets: dict[str, StreamingDataset] = {}
         self._layout: TrainLayout | None = None  # of the current world size, from setup
 
@@ -120,7 +125,7 @@ class StreamingDataModule(pl.LightningDataModule):
     def split_dir(self, split: str) -> str:
         if storage.is_url(self.data_dir):
             url = f"{self.data_dir.rstrip('/')}/{split}"
-            if storage.read_text(f"{url}/index.json") is None:
+            if storage.read_text(f"{url}/index.json", self.storage_options) is None:
                 raise UserError(
                     f"--data.data_dir={self.data_dir} holds no litdata shards for '{split}' "
                     f"(no {split}/index.json): {self._how_to('build')}"
@@ -158,7 +163,9 @@ class StreamingDataModule(pl.LightningDataModule):
 
     def split_size(self, split: str) -> int:
         """Samples in a split, from its litdata index (before sharding and drop_last)."""
-        index = json.loads(storage.read_text(f"{self.split_dir(split)}/index.json") or "{}")
+        index = json.loads(
+            storage.read_text(f"{self.split_dir(split)}/index.json", self.storage_options) or "{}"
+        )
         return sum(chunk["chunk_size"] for chunk in index["chunks"])
 
     def make_dataset(self, split: str) -> StreamingDataset:
@@ -168,7 +175,7 @@ class StreamingDataModule(pl.LightningDataModule):
         split_dir = self.split_dir(split)
         self.check_shards(split_dir)
         if storage.is_url(split_dir):
-            seam.allow_plain_http_object_store()
+            seam.allow_plain_http_object_store(self.storage_options.get("endpoint_url"))
         try:
             dataset = StreamingDataset(
                 split_dir,
@@ -177,6 +184,7 @@ class StreamingDataModule(pl.LightningDataModule):
                 drop_last=self.drop_last and training,
                 seed=self.seed,
                 item_loader=self.item_loader(),
+                storage_options=self.storage_options,
                 # Read by index (the global order), litdata's default decodes a window of
                 # ~250 neighbours per read and keeps one: 0.36 ms an item, against
                 # per-item decoding (docs/benchmarks.md section 3).
