@@ -173,9 +173,15 @@ PartitionName=urgent Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=10 Preem
 
 def install_slurm() -> None:
     """Debian's slurm-wlm and munge, when this machine does not have them yet."""
-    if shutil.which("slurmctld") and shutil.which("munged"):
+    apt_install({"slurmctld": "slurm-wlm", "munged": "munge"})
+
+
+def apt_install(commands: dict[str, str]) -> None:
+    """Debian's packages (command -> package) whose commands this machine lacks."""
+    missing = [package for command, package in commands.items() if not shutil.which(command)]
+    if not missing:
         return
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"]
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     if subprocess.run(install, env=env, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update"], env=env, check=True, capture_output=True)
@@ -323,6 +329,8 @@ class ObjectStore:
 
     def _make_certificates(self) -> list[str]:
         """A CA and a server certificate for 127.0.0.1 signed by it; weed's TLS flags."""
+
+        apt_install({"openssl": "openssl"})
 
         def openssl(*args: str) -> None:
             subprocess.run(["openssl", *args], cwd=self.root, check=True, capture_output=True)

@@ -29,8 +29,13 @@ ELASTIC = [
     "--checkpoint.every_n_train_steps", "3",
 ]  # fmt: skip
 ONE_RANK = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
-# The docs-style map-style data module (tests/plain_lightning.py): 403 digits, shuffle=True.
-MAP_STYLE = ["--data", "plain_lightning.MapStyleDataModule", "--data.init_args.batch_size", "8"]
+# A module and a map-style data module written as Lightning's docs show, that never heard
+# of the template (tests/plain_lightning.py): OneCycleLR from estimated_stepping_batches,
+# dropout; 403 digits, DataLoader(shuffle=True).
+MAP_STYLE = [
+    "--model", "plain_lightning.DocsStyleModule",
+    "--data", "plain_lightning.MapStyleDataModule", "--data.init_args.batch_size", "8",
+]  # fmt: skip
 ENV = {"PYTHONPATH": str(REPO / "tests")}
 
 

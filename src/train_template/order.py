@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Sampler
 
-from train_template.plan import PlanError, TrainLayout
+from train_template.plan import PlanError, TrainLayout, accumulation_for
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,9 @@ class GlobalOrder:
 
 
 def accumulation_of(global_batch_size: int, world_size: int, batch_size: int) -> int:
-    accumulate, remainder = divmod(global_batch_size, world_size * batch_size)
-    if remainder or accumulate < 1:
-        raise ValueError(f"{global_batch_size} is not a multiple of {world_size} x {batch_size}")
-    return accumulate
+    """The accumulation of a layout in this order: the plan's one rule
+    (``plan.accumulation_for``; a ``PlanError`` naming a batch size that works)."""
+    return accumulation_for(global_batch_size, world_size, batch_size, None)
 
 
 class GlobalOrderSampler(Sampler[int]):

@@ -148,10 +148,7 @@ def measured_layout(
         raise UserError("the train loader has no batch_size: the plan needs a batched loader")
     tokens = getattr(source, "tokens_per_sample", None)
     if distributed_sampler:
-        try:
-            layout = loader_layout(loader, world_size, accumulate_grad_batches, tokens)
-        except ValueError as error:  # a global batch the layout cannot share
-            raise UserError(f"the global order: {error}") from None
+        layout = loader_layout(loader, world_size, accumulate_grad_batches, tokens)
         if layout is not None:
             return layout
     try:

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -276,14 +275,14 @@ def draw_training_plot(trainer: pl.Trainer, log_dir: str, plan: TrainingPlan | N
     for logger in trainer.loggers:
         logger.save()  # the rows still in memory
     log_root = posixpath.dirname(str(csv_loggers[0].log_dir).rstrip("/"))
-    with storage.local_copy(log_root, "*/metrics.csv") as local_root:
-        with tempfile.TemporaryDirectory() as scratch:
-            out = plot_run(Path(local_root), Path(scratch) / PLOT_FILE, plan)
-            if out is None:
-                return
-            target = storage.join(log_dir, PLOT_FILE)
-            storage.write_bytes(target, out.read_bytes())
-    rank_zero_info(f"training plot: {target}")
+    target = storage.join(log_dir, PLOT_FILE)
+    with (
+        storage.local_copy(log_root, "*/metrics.csv") as local_root,
+        storage.local_file(target) as out,
+    ):
+        drawn = plot_run(Path(local_root), out, plan)
+    if drawn is not None:
+        rank_zero_info(f"training plot: {target}")
 
 
 def write_plan(plan: TrainingPlan, log_dir: str) -> None:

@@ -125,6 +125,20 @@ def write_text(path: str, text: str) -> None:
 
 
 @contextmanager
+def local_file(target: str) -> Iterator[Path]:
+    """A local path that ``target`` is written through: ``target`` itself when local;
+    else a temporary file, uploaded to ``target`` when the block ends with it written."""
+    if not is_url(target):
+        yield Path(target)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch, name_of(target))
+        yield local
+        if local.is_file():
+            write_bytes(target, local.read_bytes())
+
+
+@contextmanager
 def local_copy(directory: str, pattern: str) -> Iterator[str]:
     """``directory`` itself when local; else a temporary local folder holding its files
     that match ``pattern`` (``*/metrics.csv``) at the same relative paths."""
