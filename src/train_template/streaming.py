@@ -185,6 +185,7 @@ class StreamingDataModule(pl.LightningDataModule):
                 seed=self.seed,
                 item_loader=self.item_loader(),
                 storage_options=self.storage_options,
+                transform=owned_bytes,
                 # Read by index (the global order), litdata's default decodes a window of
                 # ~250 neighbours per read and keeps one: 0.36 ms an item, against
                 # per-item decoding (docs/benchmarks.md section 3).
@@ -368,6 +369,35 @@ class StreamingDataModule(pl.LightningDataModule):
             tokens_per_sample=getattr(self, "tokens_per_sample", None),
             order=tuple((name, getattr(self, name)) for name in ORDER_SETTINGS),
         )
+
+
+def owned_bytes(item: Any) -> Any:
+    """A sample with its ``bytes`` fields as ``bytes``, the type they were written as.
+
+    litdata (0.2.76) returns a ``bytes`` field as a ``memoryview`` into the chunk whenever
+    it reads from a memory-mapped chunk (local shards, and every chunk read by index,
+    ``seam.map_every_chunk``). A view cannot be pickled: a collate that passes it on
+    makes a loader worker fail to send its batch, which torch only prints in the worker
+    while the main process waits for that batch for ever; it also pins the chunk's map.
+    One copy per field (3 KB: well under a microsecond) removes both.
+    """
+    kind = type(item)
+    if kind is dict:  # litdata's usual sample: a fresh dict per read, changed in place
+        for key, value in item.items():
+            if type(value) in _CONTAINERS:
+                item[key] = owned_bytes(value)
+        return item
+    if kind is memoryview:
+        return item.tobytes()
+    if isinstance(item, list):
+        return [owned_bytes(value) for value in item]
+    if isinstance(item, tuple):
+        values = [owned_bytes(value) for value in item]
+        return kind(*values) if hasattr(item, "_fields") else kind(values)
+    return item
+
+
+_CONTAINERS = frozenset({memoryview, dict, list, tuple})
 
 
 class ItemsOf(Dataset):

@@ -19,10 +19,10 @@ from train_template.streaming import StreamingDataModule
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack litdata samples into tensors; images stay uint8 (see ``images_to_float``).
 
-    litdata yields ``bytes`` fields as ``memoryview``; torch's default collate would
-    turn those into one tensor per byte (about 200x slower). One C-level join into a
-    writable buffer is the only copy (108 us per batch of 256 3x32x32 images, against
-    129 us with a bytes join + copy and more with a per-row ``np.frombuffer`` loop).
+    The image is a ``bytes`` field; torch's default collate would turn each into one
+    tensor per byte (about 200x slower). One C-level join into a writable buffer is the
+    only copy (108 us per batch of 256 3x32x32 images, against 129 us with a bytes join +
+    copy and more with a per-row ``np.frombuffer`` loop).
     """
     images = bytearray().join([sample["image"] for sample in samples])
     return {

@@ -1,0 +1,43 @@
+"""What a ``StreamingDataModule`` hands a user's collate, on real litdata shards.
+
+litdata returns a ``bytes`` field as a ``memoryview`` into a memory-mapped chunk (local
+shards, and every chunk read by index); a view cannot cross from a loader worker to the
+main process, and torch then only prints the pickling error in the worker while the
+main process waits for the batch for ever. The template hands back ``bytes``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_shards
+
+from train_template.streaming import StreamingDataModule, owned_bytes
+
+
+class SamplesAsTheyCome(StreamingDataModule):
+    """A user's module whose collate keeps the samples as litdata returns them."""
+
+    def collate(self, samples):
+        return samples
+
+
+@pytest.mark.parametrize("elastic", [True, False], ids=["global-order", "litdata-stream"])
+def test_bytes_fields_come_back_as_bytes_and_cross_loader_workers(tmp_path, elastic):
+    data = write_shards(tmp_path / "data", 40, num_val=24)
+    module = SamplesAsTheyCome(str(data), batch_size=8, num_workers=2, elastic=elastic)
+    module.setup("fit")
+    loaders = {"train": module.train_dataloader(), "val": module.val_dataloader()}
+    for name, loader in loaders.items():
+        # Without the fix a worker's batch never arrives: fail after a minute, not never.
+        loader.timeout = 60
+        samples = [sample for batch in loader for sample in batch]
+        assert {type(sample["image"]) for sample in samples} == {bytes}, name
+        assert all(len(sample["image"]) == 64 for sample in samples), name
+        assert len({sample["index"] for sample in samples}) == {"train": 40, "val": 24}[name]
+
+
+def test_owned_bytes_keeps_the_structure_of_a_sample():
+    view = memoryview(b"abc")
+    sample = {"a": view, "b": [view, 1], "c": (view, "x"), "d": 2.5}
+    assert owned_bytes(sample) == {"a": b"abc", "b": [b"abc", 1], "c": (b"abc", "x"), "d": 2.5}
+    assert type(owned_bytes(sample)["b"][0]) is bytes
