@@ -63,7 +63,9 @@ def digits_dir(tmp_path_factory) -> Path:
     return out
 
 
-def write_shards(root: Path, num_train: int, num_val: int = 16, num_test: int = 16) -> Path:
+def write_shards(
+    root: Path, num_train: int, num_val: int = 16, num_test: int = 16, chunk_bytes: str = "1MB"
+) -> Path:
     """Tiny real shards: train ids 0..num_train-1, then val and test ids after them."""
     from sklearn.datasets import load_digits
 
@@ -81,7 +83,7 @@ def write_shards(root: Path, num_train: int, num_val: int = 16, num_test: int = 
             }
             for i in range(start, start + count)
         )
-        write_in_process(samples, root / split, chunk_bytes="1MB")
+        write_in_process(samples, root / split, chunk_bytes=chunk_bytes)
         start += count
     return root
 
@@ -103,6 +105,14 @@ def train_cmd(
         "false",
         *args,
     ]
+
+
+def forget_object_store_clients() -> None:
+    """What a process exit does for fsspec: its filesystems are cached per process by
+    their arguments, not by the ``AWS_*`` variables they read, so an in-process run with
+    another endpoint would get the last one's client."""
+    if "s3fs" in sys.modules:
+        sys.modules["s3fs"].S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture
@@ -135,6 +145,7 @@ def cli_in_process(monkeypatch, capsys):
 
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()  # it would hold its port for later DDP runs
+            forget_object_store_clients()
         captured = capsys.readouterr()
         return status, captured.out, captured.err
 

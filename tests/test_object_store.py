@@ -18,6 +18,7 @@ import pytest
 import torch
 from cluster import S3_KEYS, object_store
 from conftest import (
+    CPU_DDP,
     PYTHON,
     REPO,
     free_port,
@@ -153,6 +154,7 @@ def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path
     assert any(name.startswith("events.out.tfevents") for name in logs)
 
 
+@pytest.mark.slow  # the two-rank test below covers an outage under saves by default
 def test_a_store_outage_ends_the_run_in_one_line_and_the_resume_is_exact(tmp_path):
     """The store is killed (SIGKILL to its pid) while a run with checkpoints in it trains:
     the run ends with one line and exit status 1, no traceback; the store restarted from
@@ -190,6 +192,118 @@ def test_a_store_outage_ends_the_run_in_one_line_and_the_resume_is_exact(tmp_pat
     assert got["global_step"] == expected["global_step"]
     for name, tensor in expected["state_dict"].items():
         assert torch.equal(tensor, got["state_dict"][name]), name
+
+
+@pytest.mark.parametrize(
+    "sigkill_first", [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["outage", "sigkill-then-outage"],
+)  # fmt: skip
+def test_two_ranks_over_plain_http_resume_exactly_after_an_outage(tmp_path, sigkill_first):
+    """World size 2 (Lightning's launcher, gloo), shards and checkpoints in a plain-http
+    store (litdata's chunk reads through obstore, the template's files through s3fs).
+    The store is killed under a run mid-epoch; its next request is a save or a log write
+    (the chunks sit in litdata's local cache by then: the outage under chunk reads is
+    the test below), which must end the run with one line; the store restarted from its
+    disk, ``--ckpt_path auto`` ends with the weights of an uninterrupted run, bitwise.
+    ``sigkill-then-outage`` (slow): first SIGKILL to the trainers after a mid-epoch
+    checkpoint and ``--ckpt_path auto``, then the outage under that resumed run."""
+    from cluster import ObjectStore, stop_group
+
+    store = ObjectStore(tmp_path / "s3", [free_port() for _ in range(9)])
+    (tmp_path / "s3").mkdir()
+    with object_store_running(store):
+        data = f"s3://{store.bucket('template-data')}/digits"
+        prepare = [PYTHON, str(REPO / "scripts" / "prepare_data.py"), "--out", data,
+                   "--num-workers", "0"]  # fmt: skip
+        run(prepare, env=store.env)
+        args = [*SHORT, "--data.batch_size", "64", *CPU_DDP]  # global batch 128, as above
+        reference = tmp_path / "reference"
+        run(train_cmd("fit", reference, data, *args), env=store.env)
+        # Prepared again (the same samples, a new index time): the ranks below find the
+        # reference's copy in litdata's local cache outdated, and must not delete the
+        # files one another is downloading (seam.one_cache_writer).
+        run(prepare + ["--force"], env=store.env)
+
+        runs = f"s3://{store.bucket('template-runs')}/ddp"
+        command = train_cmd("fit", runs, data, *args)
+        step_of = step_in_store(store)
+        resume, outage_at = [], 5
+        if sigkill_first:
+            killed_at = kill_after_checkpoint(command, runs, 5, store.env, step_of)
+            assert 0 < killed_at < 20
+            resume, outage_at = ["--ckpt_path", "auto"], killed_at + 4
+
+        training = start_fit(command + resume, store.env, tmp_path / "outage.log")
+        while (step := step_of(runs)) < outage_at:
+            assert training.poll() is None, (tmp_path / "outage.log").read_text()[-3000:]
+        assert step < 24  # mid-run: 12 steps an epoch, 2 epochs
+        stop_group(store.process, grace=0)
+        code = training.wait(timeout=240)
+        log = (tmp_path / "outage.log").read_text()
+        # The first rank to meet the outage says so in one line; a rank left waiting on
+        # it says that its peer left (cli.lost_peer_line); no traceback.
+        errors = [line for line in log.splitlines() if line.startswith("error")]
+        assert code == 1, log[-3000:]
+        assert errors and "the object store stopped answering" in errors[0], log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+
+        store.start()
+        run(command + ["--ckpt_path", "auto"], env=store.env)
+        fs, root = files(store, runs)
+        got = torch.load(
+            io.BytesIO(fs.cat_file(f"{root}/checkpoints/last.ckpt")), weights_only=True
+        )
+    expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    assert got["global_step"] == expected["global_step"] == 24
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(tensor, got["state_dict"][name]), name
+
+
+def test_a_store_outage_during_chunk_reads_ends_the_loader_with_the_request_named(
+    tmp_path, monkeypatch
+):
+    """The store killed while two loader workers read chunks by index (the global order):
+    the loader raises within obstore's retries instead of waiting, the error names the
+    chunk request that failed, and once the store answers again every sample reads."""
+    from cluster import ObjectStore, stop_group
+    from conftest import forget_object_store_clients, write_shards
+
+    from examples.digits.data import DigitsDataModule
+    from train_template.storage import outage_line
+
+    store = ObjectStore(tmp_path / "s3", [free_port() for _ in range(9)])
+    (tmp_path / "s3").mkdir()
+    local = write_shards(tmp_path / "data", 400, chunk_bytes="1KB")  # ~130 chunks
+    with object_store_running(store):
+        for name, value in store.env.items():
+            monkeypatch.setenv(name, value)
+        forget_object_store_clients()  # this process may have met another endpoint
+        url = f"s3://{store.bucket('template-data')}/reads"
+        fs, root = files(store, url)
+        fs.put(f"{local}/", f"{root}/", recursive=True)
+
+        def loader():
+            module = DigitsDataModule(url, batch_size=16, num_workers=2)
+            module.setup("fit")
+            train = module.train_dataloader()
+            train.timeout = 120  # a hang fails the test instead of stalling it
+            return train
+
+        batches = iter(loader())
+        for _ in range(2):
+            next(batches)
+        stop_group(store.process, grace=0)
+        with pytest.raises(RuntimeError) as raised:
+            for _ in batches:
+                pass
+        line = outage_line(raised.value)
+        assert line is not None, str(raised.value)[-2000:]
+        assert f"GET {store.endpoint}/template-data/reads/train/chunk-" in line, line
+        del batches  # its workers end
+
+        store.start()
+        ids = [i for batch in loader() for i in batch["index"].tolist()]
+    assert sorted(ids) == list(range(400))
 
 
 def object_store_running(store):

@@ -329,6 +329,30 @@ def allow_plain_http_object_store(endpoint: str | None = None, environ: Any = No
     return True
 
 
+def one_cache_writer(url: str) -> Any:
+    """A lock that lets one process of this machine at a time build a ``StreamingDataset``
+    of the remote ``url``.
+
+    litdata 0.2.76 caches a remote dataset's files in ``<cache>/<md5(url)>/<updated_at>/``
+    (``updated_at`` from its ``index.json``) and, building a dataset whose ``updated_at``
+    is not the only one there, deletes ``<md5(url)>`` whole
+    (``_clear_cache_dir_if_updated``), also while another rank of this machine is
+    downloading into it: measured on the first 2-rank fit after the shards were prepared
+    again, rank 1 stopped with "No such file or directory: 'chunk-0-0.bin'". After the
+    first build the folder holds only the current version and nothing more is deleted,
+    so loader workers, which build their caches later, need no lock. The lock file lies
+    beside litdata's cache folders (per user, on this machine's disk).
+    """
+    import hashlib
+
+    from litdata.utilities.dataset_utilities import get_default_cache_dir
+
+    from train_template.storage import file_lock
+
+    name = hashlib.md5(url.encode()).hexdigest()
+    return file_lock(os.path.join(get_default_cache_dir(), f".{name}.lock"))
+
+
 def read_whole_chunks(dataset: Any) -> None:
     """Reads by index (``dataset[i]``, the global order) download each remote chunk whole
     into litdata's cache and keep it there. litdata 0.2.76's default for index reads

@@ -21,7 +21,6 @@ once (one process) before the jobs that read them.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from train_template.storage import is_url, read_text, url_fs
+from train_template.storage import file_lock, is_url, read_text, url_fs
 
 SPLITS = ("train", "val", "test")
 METADATA_FILE = "dataset.json"
@@ -44,13 +43,8 @@ def exclusive(out_dir: str | os.PathLike) -> Iterator[None]:
         yield
         return
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        yield
 
 
 def is_up_to_date(out_dir: str | os.PathLike, fingerprint: str) -> dict | None:

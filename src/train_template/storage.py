@@ -14,6 +14,7 @@ visible only when complete (an S3 PUT or a completed multipart upload).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import posixpath
 import tempfile
@@ -164,6 +165,19 @@ def move(source: str, target: str) -> None:
     fs.mv(inner, url_fs(target)[1])
 
 
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the local file ``path`` (created if missing): one
+    process of this machine at a time, released also when the holder dies."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def check_writable(root: str) -> None:
     """Write and delete a probe file under ``root``; raises OSError (or the store's
     error: no bucket, bad credentials, no endpoint) when that fails."""
@@ -205,13 +219,22 @@ def outage_line(error: BaseException) -> str | None:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        text = str(current)
-        if type(current).__name__ in _UNREACHABLE or any(t in text for t in _UNREACHABLE_TEXT):
-            first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        if type(current).__name__ in _UNREACHABLE or _unreachable_line(str(current)):
+            what = _unreachable_line(str(current)) or str(current).strip().split("\n")[0]
             return (
-                f"the object store stopped answering ({type(current).__name__}: {first[:160]}): "
-                "the checkpoints it holds are complete (an upload cut short leaves none); "
+                f"the object store stopped answering ({type(current).__name__}: {what[:200]}): "
+                "every checkpoint written is complete (an upload cut short leaves none); "
                 "once it answers again, relaunch with --ckpt_path auto"
             )
         current = current.__cause__ or current.__context__
     return None
+
+
+def _unreachable_line(text: str) -> str:
+    """The line of an error's text that says which request found the store gone ("" if
+    none): a loader worker's error arrives as a whole traceback in one message, litdata's
+    chunk reads wrap obstore's error ("... Original error: GenericError: ... GET <url>")."""
+    for line in text.splitlines():
+        if any(marker in line for marker in _UNREACHABLE_TEXT):
+            return line.strip().rpartition("Original error: ")[2]
+    return ""

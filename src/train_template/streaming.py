@@ -27,6 +27,7 @@ topic trains on one topic at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -174,23 +175,25 @@ class StreamingDataModule(pl.LightningDataModule):
         training = split == "train" and not self.elastic
         split_dir = self.split_dir(split)
         self.check_shards(split_dir)
-        if storage.is_url(split_dir):
+        remote = storage.is_url(split_dir)
+        if remote:
             seam.allow_plain_http_object_store(self.storage_options.get("endpoint_url"))
         try:
-            dataset = StreamingDataset(
-                split_dir,
-                shuffle=self.shuffle and training,
-                # Always explicit: litdata would otherwise force drop_last on in DDP.
-                drop_last=self.drop_last and training,
-                seed=self.seed,
-                item_loader=self.item_loader(),
-                storage_options=self.storage_options,
-                transform=owned_bytes,
-                # Read by index (the global order), litdata's default decodes a window of
-                # ~250 neighbours per read and keeps one: 0.36 ms an item, against
-                # per-item decoding (docs/benchmarks.md section 3).
-                **({"batch_decode": 0} if split == "train" and self.elastic else {}),
-            )
+            with seam.one_cache_writer(split_dir) if remote else contextlib.nullcontext():
+                dataset = StreamingDataset(
+                    split_dir,
+                    shuffle=self.shuffle and training,
+                    # Always explicit: litdata would otherwise force drop_last on in DDP.
+                    drop_last=self.drop_last and training,
+                    seed=self.seed,
+                    item_loader=self.item_loader(),
+                    storage_options=self.storage_options,
+                    transform=owned_bytes,
+                    # Read by index (the global order), litdata's default decodes a window of
+                    # ~250 neighbours per read and keeps one: 0.36 ms an item, against
+                    # per-item decoding (docs/benchmarks.md section 3).
+                    **({"batch_decode": 0} if split == "train" and self.elastic else {}),
+                )
         except (ValueError, FileNotFoundError, json.JSONDecodeError, KeyError) as error:
             raise UserError(
                 f"--data.data_dir={self.data_dir}: cannot read the '{split}' shards ({error}); "
