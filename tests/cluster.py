@@ -387,8 +387,14 @@ class ObjectStore:
             time.sleep(0.1)
 
     def _answers(self) -> bool:
+        """The S3 API answers, and after a restart serves what it holds: SeaweedFS lists
+        buckets before its volume is back (GetObject: InternalError for a while)."""
         try:
-            self.client().list_buckets()
+            client = self.client()
+            for bucket in client.list_buckets().get("Buckets", []):
+                listed = client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1)
+                for item in listed.get("Contents", []):
+                    client.get_object(Bucket=bucket["Name"], Key=item["Key"])["Body"].read()
             return True
         except Exception:
             return False
