@@ -198,17 +198,18 @@ def test_a_store_outage_ends_the_run_in_one_line_and_the_resume_is_exact(tmp_pat
 @pytest.mark.parametrize(
     "exact", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["outage", "bitwise"]
 )
-def test_two_ranks_over_plain_http_continue_after_an_outage(tmp_path, exact):
+def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact):
     """World size 2 (Lightning's launcher, gloo), shards and checkpoints in a plain-http
     store (litdata's chunk reads through obstore, the template's files through s3fs).
     The store is killed under a run mid-epoch; its next request is a save or a log write
     (the chunks sit in litdata's local cache by then: the outage under chunk reads is
-    the test below), which must end the run with one line. The store restarted from its
-    disk and the shards prepared again (the same samples, a new index time, so both
-    ranks find their cached copy outdated: ``seam.one_cache_writer``), ``--ckpt_path
-    auto`` continues from the newest checkpoint to the planned end. ``bitwise`` (slow):
-    first SIGKILL to the trainers after a mid-epoch checkpoint and ``--ckpt_path auto``,
-    the outage under that resumed run, and the end equal to an uninterrupted run's."""
+    the test below), which must end the run with one line.
+
+    ``bitwise`` (slow): first SIGKILL to the trainers after a mid-epoch checkpoint and
+    ``--ckpt_path auto``, the outage under that resumed run; then the store restarted
+    from its disk and the shards prepared again (the same samples, a new index time, so
+    both ranks find their cached copy outdated: ``seam.one_cache_writer``), and
+    ``--ckpt_path auto`` ends with an uninterrupted run's weights, bitwise."""
     from cluster import ObjectStore, stop_group
 
     store = ObjectStore(tmp_path / "s3", [free_port() for _ in range(9)])
@@ -249,6 +250,8 @@ def test_two_ranks_over_plain_http_continue_after_an_outage(tmp_path, exact):
         assert code == 1, log[-3000:]
         assert errors and "the object store stopped answering" in errors[0], log[-3000:]
         assert "Traceback" not in log, log[-3000:]
+        if not exact:
+            return
 
         store.start()
         run(prepare + ["--force"], env=store.env)
@@ -261,18 +264,17 @@ def test_two_ranks_over_plain_http_continue_after_an_outage(tmp_path, exact):
             io.BytesIO(fs.cat_file(f"{root}/checkpoints/last.ckpt")), weights_only=True
         )
     assert got["global_step"] == 46
-    if exact:
-        expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
-        for name, tensor in expected["state_dict"].items():
-            assert torch.equal(tensor, got["state_dict"][name]), name
+    expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(tensor, got["state_dict"][name]), name
 
 
 def test_a_store_outage_during_chunk_reads_ends_the_loader_with_the_request_named(
     tmp_path, monkeypatch
 ):
     """The store killed while two loader workers read chunks by index (the global order):
-    the loader raises within obstore's retries instead of waiting, the error names the
-    chunk request that failed, and once the store answers again every sample reads."""
+    the loader raises within obstore's retries instead of waiting, and the error names
+    the chunk request that failed."""
     from cluster import ObjectStore, stop_group
     from conftest import forget_object_store_clients, write_shards
 
@@ -290,14 +292,11 @@ def test_a_store_outage_during_chunk_reads_ends_the_loader_with_the_request_name
         fs, root = files(store, url)
         fs.put(f"{local}/", f"{root}/", recursive=True)
 
-        def loader():
-            module = DigitsDataModule(url, batch_size=16, num_workers=2)
-            module.setup("fit")
-            train = module.train_dataloader()
-            train.timeout = 120  # a hang fails the test instead of stalling it
-            return train
-
-        batches = iter(loader())
+        module = DigitsDataModule(url, batch_size=16, num_workers=2)
+        module.setup("fit")
+        train = module.train_dataloader()
+        train.timeout = 120  # a hang fails the test instead of stalling it
+        batches = iter(train)
         for _ in range(2):
             next(batches)
         stop_group(store.process, grace=0)
@@ -308,10 +307,6 @@ def test_a_store_outage_during_chunk_reads_ends_the_loader_with_the_request_name
         assert line is not None, str(raised.value)[-2000:]
         assert f"GET {store.endpoint}/template-data/reads/train/chunk-" in line, line
         del batches, raised  # the iterator (the traceback holds it too) ends its workers
-
-        store.start()
-        ids = [i for batch in loader() for i in batch["index"].tolist()]
-    assert sorted(ids) == list(range(400))
 
 
 def object_store_running(store):

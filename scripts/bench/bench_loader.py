@@ -1,7 +1,8 @@
 """Train-loader throughput over optimized shards, in both orders the template has: the
 global order (the default: items read by index through a map-style loader and the
 ``GlobalOrderSampler``) and litdata's own ``StreamingDataLoader`` (``--data.elastic
-false``, chunk by chunk), vs the same arrays from a numpy memmap through a plain
+false``, chunk by chunk), and the global order without ``streaming.owned_bytes``'s
+copy of each ``bytes`` field, vs the same arrays from a numpy memmap through a plain
 DataLoader (num_workers 0, 1, 2; same batch size and collate work).
 
     .venv/bin/python scripts/bench/bench_loader.py [--samples 100000] [--repeats 5]
@@ -49,6 +50,11 @@ def memmap_collate(samples):
     }
 
 
+def as_read(item):
+    """litdata's item as it reads it: ``bytes`` fields as views into the mapped chunk."""
+    return item
+
+
 def samples_per_second(loader) -> float:
     start, count = time.perf_counter(), 0
     for batch in loader:
@@ -83,6 +89,16 @@ def main() -> None:
             items = elastic.train_dataloader()  # what the trainer is handed, then given:
             order = loader_order(items).global_order(world_size=1, accumulate_grad_batches=1)
             ordered = seam.loader_with_sampler(items, GlobalOrderSampler(order, 1, 0, BATCH))
+            # The cost of streaming.owned_bytes (bytes fields copied out of the chunk's map):
+            # the same loader over a dataset that hands back the views.
+            viewed = DigitsDataModule(
+                str(tmp / "shards"), batch_size=BATCH, num_workers=workers, shuffle=True
+            )
+            viewed.setup("fit")
+            viewed.datasets["train"].transform = as_read
+            views = seam.loader_with_sampler(
+                viewed.train_dataloader(), GlobalOrderSampler(order, 1, 0, BATCH)
+            )
             memmap = torch.utils.data.DataLoader(
                 MemmapImages(tmp / "images.npy", labels),
                 batch_size=BATCH,
@@ -97,6 +113,7 @@ def main() -> None:
                     "numpy memmap DataLoader": lambda m=memmap: samples_per_second(m),
                     "StreamingDataLoader": lambda s=streaming: samples_per_second(s),
                     "global order (default)": lambda o=ordered: samples_per_second(o),
+                    "global order, bytes as views": lambda v=views: samples_per_second(v),
                 },
                 args.repeats,
             )
