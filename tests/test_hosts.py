@@ -104,6 +104,7 @@ def assert_one_line_from_the_worker(log: str, reason: str) -> None:
     assert "Traceback" not in worker_part, worker_part[-3000:]
 
 
+@pytest.mark.slow  # default: the link-down and the elastic restart after a killed host
 def test_two_hosts_train_and_a_killed_host_resumes_exactly(hosts, shards, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     every = ["--checkpoint.every_n_train_steps", "4"]
