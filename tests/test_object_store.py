@@ -199,7 +199,9 @@ def test_a_store_outage_ends_the_run_in_one_line_and_the_resume_is_exact(tmp_pat
 )
 def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact):
     """World size 2 (Lightning's launcher, gloo), shards and checkpoints in a plain-http
-    store (litdata's chunk reads through obstore, the template's files through s3fs).
+    store (litdata's chunk reads through obstore, the template's files through s3fs),
+    trained by a module that never heard of the template (``plain_lightning``: OneCycleLR
+    from ``estimated_stepping_batches``, its own logging).
     The store is killed under a run mid-epoch; its next request is a save or a log write
     (the chunks sit in litdata's local cache by then: the outage under chunk reads is
     the test below), which must end the run with one line.
@@ -220,7 +222,9 @@ def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact)
         run(prepare, env=store.env)
         # Global batch 64: 23 steps an epoch, 46 in all; a checkpoint every 4 steps gives
         # the polls below many chances to see one before the end.
-        args = [*SHORT, "--data.batch_size", "32", *CPU_DDP]
+        args = [*SHORT, "--data.batch_size", "32", *CPU_DDP,
+                "--model", "plain_lightning.DocsStyleModule"]  # fmt: skip
+        store.env["PYTHONPATH"] = str(REPO / "tests")  # every run below: the user's module
         runs = f"s3://{store.bucket('template-runs')}/ddp"
         command = train_cmd("fit", runs, data, *args)
         step_of = step_in_store(store)

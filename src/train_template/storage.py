@@ -109,7 +109,10 @@ def read_text(path: str | os.PathLike, storage_options: dict | None = None) -> s
     if not is_url(path):
         return Path(path).read_text() if Path(path).is_file() else None
     fs, inner = url_fs(str(path), storage_options)
-    return fs.cat_file(inner).decode() if fs.exists(inner) else None
+    try:  # one request (an exists() first would be two)
+        return fs.cat_file(inner).decode()
+    except FileNotFoundError:
+        return None
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -219,8 +222,9 @@ def outage_line(error: BaseException) -> str | None:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if type(current).__name__ in _UNREACHABLE or _unreachable_line(str(current)):
-            what = _unreachable_line(str(current)) or str(current).strip().split("\n")[0]
+        what = _unreachable_line(str(current))
+        if what or type(current).__name__ in _UNREACHABLE:
+            what = what or str(current).strip().split("\n")[0]
             return (
                 f"the object store stopped answering ({type(current).__name__}: {what[:200]}): "
                 "every checkpoint written is complete (an upload cut short leaves none); "
