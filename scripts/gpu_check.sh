@@ -9,4 +9,8 @@ if ! uv run python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available(
   exit 2
 fi
 uv run python -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
+if [ ! -f scripts/gpu_check.py ]; then
+  echo "error: scripts/gpu_check.py (the GPU checks, which train the examples) is not in this checkout" >&2
+  exit 2
+fi
 uv run python scripts/gpu_check.py

@@ -1,4 +1,9 @@
-"""Shared fixtures: real litdata shards in tmp dirs and a helper to run train.py for real."""
+"""Shared fixtures: real litdata shards in tmp dirs and a helper to run train.py for real.
+
+The machinery's tests train their own docs-style module (``plain_lightning.py``) on their
+own tiny shards (``write_shards`` + ``shard_data.ShardData``), never the embedded examples:
+they pass with the embedded examples deleted (``scripts/test.sh`` runs them in such a copy).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,20 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 PYTHON = sys.executable
+# The module and data every machinery test trains unless it says otherwise.
+MODEL_AND_DATA = ["--model", "plain_lightning.DocsStyleModule", "--data", "shard_data.ShardData"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_modules_importable():
+    """Every process a test starts (train.py, torchrun, srun) imports the tests' own
+    modules by class path (``--model plain_lightning.DocsStyleModule``)."""
+    paths = [str(TESTS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(dict.fromkeys(paths)))
+        yield
 
 
 def _git_status() -> str | None:
@@ -53,16 +71,6 @@ def working_tree_stays_clean():
         pytest.fail(f"the test run wrote into the checkout: {written[:10]}")
 
 
-@pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory) -> Path:
-    """The embedded digits, prepared by the real preparation code (in-process writer)."""
-    from examples.digits.prepare import prepare
-
-    out = tmp_path_factory.mktemp("digits")
-    prepare("digits", out, num_workers=0, log=lambda *_: None)
-    return out
-
-
 def write_shards(
     root: Path, num_train: int, num_val: int = 16, num_test: int = 16, chunk_bytes: str = "1MB"
 ) -> Path:
@@ -89,14 +97,23 @@ def write_shards(
 
 
 def train_cmd(
-    subcommand: str, run_dir: Path, data_dir: Path, *args: str, config: str = "default"
+    subcommand: str,
+    run_dir: Path,
+    data_dir: Path,
+    *args: str,
+    config: str | None = None,
+    model_and_data: tuple[str, ...] | list[str] = tuple(MODEL_AND_DATA),
 ) -> list[str]:
+    """``train.py`` on the tests' own module and shards, with ``configs/<config>.yaml``
+    (e.g. ``ddp``) when given; ``args`` may select another ``--model`` / ``--data`` (the
+    examples' tests pass ``model_and_data=()`` to train what the configs select)."""
+    configs = ["--config", str(REPO / "configs" / f"{config}.yaml")] if config else []
     return [
         PYTHON,
         str(REPO / "train.py"),
         subcommand,
-        "--config",
-        str(REPO / "configs" / f"{config}.yaml"),
+        *configs,
+        *model_and_data,
         "--data.data_dir",
         str(data_dir),
         "--trainer.default_root_dir",

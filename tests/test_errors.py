@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -84,9 +83,9 @@ CASES = [
         "unknown-class",
         "earlier",
         "data",
-        ["--model.network.class_path no.such.Net"],
+        ["--model no.such.Module"],
         {},
-        "No module named 'no'",
+        "no.such.Module",
     ),
     (
         "batch-size-zero",
@@ -118,7 +117,7 @@ CASES = [
         "nowhere",
         [],
         {},
-        "does not exist: run `python scripts/prepare_data.py",
+        "does not exist: build the litdata shards, or point --data.data_dir at them",
     ),
     (
         "data-dir-without-shards",
@@ -150,7 +149,7 @@ CASES = [
         "checkpoint-of-another-model",
         "earlier",
         "data",
-        [*RESUME, "--model.network.init_args.width 16"],
+        [*RESUME, "--model.hidden 16"],
         {},
         "the checkpoint holds a different model",
     ),
@@ -182,9 +181,9 @@ CASES = [
         "resume-changed-order",
         "earlier",
         "data",
-        [*RESUME, "--data.elastic false"],
+        [*RESUME, "--data.global_order false"],
         {},
-        "--data.elastic True -> False",
+        "--data.global_order True -> False",
     ),
     (
         "resume-changed-batch-size",
@@ -250,6 +249,14 @@ CASES = [
         ["--plan.warmup_fraction 0.1"],
         {},
         "--plan.warmup_fraction 0.1: the whole LR curve is --lr_schedule.* now",
+    ),
+    (
+        "renamed-order-option",
+        "fresh",
+        "data",
+        ["--data.elastic false"],
+        {},
+        "--data.elastic is --data.global_order now",
     ),
     (
         "global-batch-not-divisible",
@@ -325,7 +332,7 @@ def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path, world):
             "fit",
             run_dir,
             world["data"],
-            "--model.optimizer.init_args.lr",
+            "--model.lr",
             "1e30",
             "--checkpoint.every_n_train_steps",
             "1",
@@ -391,23 +398,3 @@ def test_ckpt_best_without_a_recorded_best(tmp_path, world):
         "records no existing best checkpoint: use --ckpt_path last"
         in result.stderr.strip().splitlines()[-1]
     )
-
-
-def test_prepare_data_with_a_bad_source(tmp_path):
-    result = run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "prepare_data.py"),
-            "--source",
-            "nope.npz",
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        check=False,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "error: --source 'nope.npz' is neither 'digits' nor an existing .npz file: "
-        "pass 'digits' or the path of an .npz with 'images' and 'labels'"
-    )
-    assert not (tmp_path / "out").exists()

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import write_shards
 from litdata import StreamingDataLoader
+from shard_data import ShardData
 
-from examples.digits.data import DigitsDataModule
 from train_template.even_batches import EvenBatchesLoader
 
 NUM_TRAIN = 203  # 12 + 14 batches of 8 over two ranks without drop_last
@@ -28,8 +28,8 @@ def shards(tmp_path_factory) -> Path:
 def rank_module(monkeypatch, shards: Path, rank: int, world_size: int = 2, **data):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("GLOBAL_RANK", str(rank))
-    module = DigitsDataModule(
-        data_dir=str(shards), batch_size=8, **{"drop_last": False, "elastic": False, **data}
+    module = ShardData(
+        data_dir=str(shards), batch_size=8, **{"drop_last": False, "global_order": False, **data}
     )
     module.setup("fit")
     return module

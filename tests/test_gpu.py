@@ -19,11 +19,12 @@ pytestmark = [
 def test_template_collectives_run_under_nccl(tmp_path):
     import lightning.pytorch as pl
     from conftest import write_shards
+    from plain_lightning import DocsStyleModule
+    from shard_data import ShardData
 
-    from examples.digits.data import DigitsDataModule
-    from examples.digits.module import ClassifierModule
-    from train_template.planning import PlannedTrainer, _batch_counts_of_all_ranks
-    from train_template.preemption import PreemptionOptions, PreemptionSave
+    from train_template.options import PreemptionOptions
+    from train_template.planned_trainer import PlannedTrainer, _batch_counts_of_all_ranks
+    from train_template.preemption import PreemptionSave
     from train_template.steps import template_callbacks
 
     seen = {}
@@ -56,7 +57,7 @@ def test_template_collectives_run_under_nccl(tmp_path):
         default_root_dir=tmp_path,
         callbacks=[*template_callbacks(), Probe()],
     )
-    trainer.fit(ClassifierModule(), DigitsDataModule(str(data), batch_size=16))
+    trainer.fit(DocsStyleModule(), ShardData(str(data), batch_size=16))
     # strategy.all_gather stacks a world dimension: (world size 1, 1 element) -> [[3]]
     assert seen == {
         "signal": 0,

@@ -124,7 +124,7 @@ def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path
         env={**without_aws, "SSL_CERT_FILE": store.env["SSL_CERT_FILE"]},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "val/acc" in result.stdout
+    assert "val_loss" in result.stdout
 
     runs = f"s3://{store.bucket('template-runs')}/digits"
     killed_at = kill_after_checkpoint(
@@ -280,8 +280,8 @@ def test_a_store_outage_during_chunk_reads_ends_the_loader_with_the_request_name
     the chunk request that failed."""
     from cluster import ObjectStore, stop_group
     from conftest import forget_object_store_clients, write_shards
+    from shard_data import ShardData
 
-    from examples.digits.data import DigitsDataModule
     from train_template.storage import outage_line
 
     store = ObjectStore(tmp_path / "s3", [free_port() for _ in range(9)])
@@ -295,7 +295,7 @@ def test_a_store_outage_during_chunk_reads_ends_the_loader_with_the_request_name
         fs, root = files(store, url)
         fs.put(f"{local}/", f"{root}/", recursive=True)
 
-        module = DigitsDataModule(url, batch_size=16, num_workers=2)
+        module = ShardData(url, batch_size=16, num_workers=2)
         module.setup("fit")
         train = module.train_dataloader()
         train.timeout = 120  # a hang fails the test instead of stalling it

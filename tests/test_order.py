@@ -1,4 +1,4 @@
-"""The global sample order (``--data.elastic``): every optimizer step trains on the same
+"""The global sample order (``--data.global_order``): every optimizer step trains on the same
 set of samples on every layout, and a resume at any step from any layout to any other
 continues it exactly. Pure arithmetic over many layouts, in microseconds."""
 

@@ -12,15 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from train_template.plan import (
-    PlanError,
-    WarmupSetting,
-    accumulation_for,
-    accumulation_window_size,
-    make_plan,
-    resume_changes,
-)
-from train_template.schedule import LRSchedule, PlannedLRLambda, lr_factor
+from train_template.errors import PlanError
+from train_template.layout import accumulation_for, accumulation_window_size
+from train_template.options import LRSchedule
+from train_template.plan import WarmupSetting, make_plan
+from train_template.resume import plan_changes
+from train_template.schedule import PlannedLRLambda, lr_factor
 
 
 def test_the_naive_formula_is_wrong_and_the_plan_is_not():
@@ -172,7 +169,7 @@ def test_accumulation_windows_partition_the_epoch(batches, accumulate):
     assert sizes[-1] == (batches % accumulate or accumulate)
 
 
-def test_resume_changes_names_what_changed_world_size_and_data_settings_first():
+def test_plan_changes_names_what_changed_world_size_and_data_settings_first():
     order = {"seed": 42, "shuffle": True}
     saved = make_plan(
         batches_per_epoch=10,
@@ -189,10 +186,10 @@ def test_resume_changes_names_what_changed_world_size_and_data_settings_first():
         max_epochs=2,
         data_order={**order, "seed": 7},
     )
-    changes = resume_changes(saved, now)
+    changes = plan_changes(saved, now)
     assert changes[:2] == ["world_size 1 -> 2", "--data.seed 42 -> 7"]
     assert "batches_per_epoch 10 -> 5" in changes
-    assert resume_changes(now.to_dict(), now) == []
+    assert plan_changes(now.to_dict(), now) == []
 
 
 @pytest.mark.parametrize("accumulate", [1, 3])

@@ -20,13 +20,12 @@ from conftest import write_shards
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from shard_data import ShardData
+from template_user import PlannedLRModule, mlp
 
-from examples.digits.data import DigitsDataModule
-from examples.digits.module import ClassifierModule
-from examples.digits.network import MLP
 from train_template.errors import UserError
-from train_template.planning import PlannedTrainer, PlanOptions
-from train_template.schedule import LRSchedule
+from train_template.options import LRSchedule, PlanOptions
+from train_template.planned_trainer import PlannedTrainer
 from train_template.steps import template_callbacks
 
 BASE_LR = 0.1
@@ -54,18 +53,22 @@ def fit(
     epochs,
     warmup_fraction=0.25,
     scale=True,
-    elastic=True,
+    global_order=True,
 ):
     torch.manual_seed(0)
-    model = ClassifierModule(MLP(), optimizer=lambda params: torch.optim.SGD(params, lr=BASE_LR))
+    model = PlannedLRModule(lr=BASE_LR)
     schedule = LRSchedule(
         warmup_fraction=warmup_fraction,
         decay="cosine",
         final_lr_factor=0.1,
         warmup_start_factor=0.01,
     )
-    data = DigitsDataModule(
-        str(data_dir), batch_size=batch_size, drop_last=drop_last, shuffle=True, elastic=elastic
+    data = ShardData(
+        str(data_dir),
+        batch_size=batch_size,
+        drop_last=drop_last,
+        shuffle=True,
+        global_order=global_order,
     )
     recorder = StepRecorder()
     trainer = PlannedTrainer(
@@ -97,17 +100,17 @@ def fit(
     accumulate=st.integers(1, 8),
     limit=st.one_of(st.none(), st.integers(1, 40), st.floats(0.05, 1.0)),
     epochs=st.integers(1, 3),
-    elastic=st.booleans(),
+    global_order=st.booleans(),
 )
 def test_planned_steps_equal_executed_steps(
-    num_samples, batch_size, drop_last, accumulate, limit, epochs, elastic
+    num_samples, batch_size, drop_last, accumulate, limit, epochs, global_order
 ):
     """Both orders: the global order (whole global batches of batch x accumulation) and
-    litdata's own stream (``elastic=False``: Lightning's rule, short last windows)."""
+    litdata's own stream (``global_order=False``: Lightning's rule, short last windows)."""
     limit = 1.0 if limit is None else limit
-    per_batch = batch_size * accumulate if elastic else batch_size
+    per_batch = batch_size * accumulate if global_order else batch_size
     full_batches = num_samples // per_batch if drop_last else -(-num_samples // per_batch)
-    if elastic:
+    if global_order:
         full_batches *= accumulate  # micro-batches of whole global batches
     settings = dict(
         batch_size=batch_size,
@@ -115,7 +118,7 @@ def test_planned_steps_equal_executed_steps(
         accumulate=accumulate,
         limit=limit,
         epochs=epochs,
-        elastic=elastic,
+        global_order=global_order,
     )
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_shards(Path(tmp), num_samples)
@@ -154,26 +157,24 @@ def test_short_last_window_gets_the_gradient_of_its_own_batches(tmp_path, scale)
         epochs=1,
         warmup_fraction=0.0,
         scale=scale,
-        elastic=False,  # the global order has whole windows only
+        global_order=False,  # the global order has whole windows only
     )
     assert plan.steps_per_epoch == 2
     # Recompute the last window's gradient by hand: the mean loss over its one batch,
     # with the weights the model had before that step.
-    data = DigitsDataModule(str(data_dir), batch_size=8, shuffle=False)
+    data = ShardData(str(data_dir), batch_size=8, shuffle=False)
     data.setup("fit")
     by_id = {int(s["index"]): s for s in data.datasets["train"]}
-    from examples.digits.data import collate_samples, images_to_float
-
-    batch = images_to_float(collate_samples([by_id[i] for i in recorder.batch_ids[4]]))
+    batch = data.collate([by_id[i] for i in recorder.batch_ids[4]])
     torch.manual_seed(0)
-    network = MLP()  # the fitted model's initial weights (same seed, same construction)
+    network = mlp()  # the fitted model's initial weights (same seed, same construction)
     # Replay step 1 (plain SGD): weights before step 2 = initial - lr_1 * grad_1.
     with torch.no_grad():
         for param, grad in zip(network.parameters(), recorder.grads[0].values(), strict=True):
             param -= recorder.lrs[0] * grad
     loss = torch.nn.functional.cross_entropy(network(batch["image"]), batch["label"])
     loss.backward()
-    expected = {f"network.{n}": p.grad for n, p in network.named_parameters()}
+    expected = {f"net.{n}": p.grad for n, p in network.named_parameters()}
     factor = 1.0 if scale else 1.0 / 4  # unscaled, Lightning divides by the full window
     for name, grad in recorder.grads[1].items():
         torch.testing.assert_close(grad, expected[name] * factor, rtol=1e-5, atol=1e-6)
@@ -182,7 +183,7 @@ def test_short_last_window_gets_the_gradient_of_its_own_batches(tmp_path, scale)
 def test_global_batch_size_derives_the_accumulation_lightning_runs(tmp_path):
     # 64 samples per step at batch 8 on one process: accumulate 8; 40 batches -> 5 steps
     data_dir = write_shards(tmp_path, 320)
-    data = DigitsDataModule(str(data_dir), batch_size=8, drop_last=True)
+    data = ShardData(str(data_dir), batch_size=8, drop_last=True)
     trainer = PlannedTrainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
@@ -194,7 +195,7 @@ def test_global_batch_size_derives_the_accumulation_lightning_runs(tmp_path):
         enable_model_summary=False,
         callbacks=template_callbacks(PlanOptions(global_batch_size=64)),
     )
-    trainer.fit(ClassifierModule(MLP()), data)
+    trainer.fit(PlannedLRModule(), data)
     plan = trainer.training_plan
     assert (plan.accumulate_grad_batches, plan.global_batch_size) == (8, 64)
     assert trainer.accumulate_grad_batches == 8

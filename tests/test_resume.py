@@ -173,11 +173,11 @@ def test_killed_checkpoint_writer_leaves_previous_checkpoint_loadable(tmp_path):
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_resume_with_another_world_size_is_refused(tmp_path, shards):
-    """litdata's own stream (``--data.elastic false``) cannot change layout: a changed
+    """litdata's own stream (``--data.global_order false``) cannot change layout: a changed
     world size stops with what changed, nothing else."""
     run_dir = tmp_path / "run"
     kill_after_checkpoint(
-        fit_args(run_dir, shards, "--data.elastic", "false"), run_dir, 51
+        fit_args(run_dir, shards, "--data.global_order", "false"), run_dir, 51
     )  # unfinished: 1 of 3 epochs
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
     result = run(
@@ -192,7 +192,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path, shards):
             "2",
             "--trainer.strategy",
             "ddp",
-            "--data.elastic",
+            "--data.global_order",
             "false",
         ),
         check=False,
@@ -218,7 +218,7 @@ def test_ddp_padded_rank_resumes_exactly_inside_and_before_its_padding(tmp_path)
         "2",
         "--data.drop_last",
         "false",
-        "--data.elastic",
+        "--data.global_order",
         "false",  # litdata's own split: rank 0 is padded
         "--checkpoint.every_n_train_steps",
         "9",

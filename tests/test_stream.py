@@ -13,7 +13,8 @@ import torch
 from plain_lightning import DocsStyleModule, StreamDataModule
 
 from train_template.errors import UserError
-from train_template.planning import PlannedTrainer, PlanOptions
+from train_template.options import PlanOptions
+from train_template.planned_trainer import PlannedTrainer
 from train_template.steps import template_callbacks
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 from conftest import write_shards
 
-from train_template.streaming import StreamingDataModule, owned_bytes
+from train_template.stream_items import owned_bytes
+from train_template.streaming import StreamingDataModule
 
 
 class SamplesAsTheyCome(StreamingDataModule):
@@ -21,10 +22,10 @@ class SamplesAsTheyCome(StreamingDataModule):
         return samples
 
 
-@pytest.mark.parametrize("elastic", [True, False], ids=["global-order", "litdata-stream"])
-def test_bytes_fields_come_back_as_bytes_and_cross_loader_workers(tmp_path, elastic):
+@pytest.mark.parametrize("global_order", [True, False], ids=["global-order", "litdata-stream"])
+def test_bytes_fields_come_back_as_bytes_and_cross_loader_workers(tmp_path, global_order):
     data = write_shards(tmp_path / "data", 40, num_val=24)
-    module = SamplesAsTheyCome(str(data), batch_size=8, num_workers=2, elastic=elastic)
+    module = SamplesAsTheyCome(str(data), batch_size=8, num_workers=2, global_order=global_order)
     module.setup("fit")
     loaders = {"train": module.train_dataloader(), "val": module.val_dataloader()}
     for name, loader in loaders.items():

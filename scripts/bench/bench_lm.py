@@ -27,10 +27,10 @@ from common import REPO, machine
 
 from examples.lm.data import TokenDataModule  # noqa: E402
 from examples.lm.network import TinyTransformer  # noqa: E402
-from train_template import seam  # noqa: E402
-from train_template.elastic import loader_order  # noqa: E402
 from train_template.order import GlobalOrderSampler  # noqa: E402
+from train_template.order_loader import loader_order  # noqa: E402
 from train_template.schedule import LRSchedule, PlannedLRLambda  # noqa: E402
+from train_template.seam.loop import loader_with_sampler  # noqa: E402
 
 
 def lm_config() -> dict:
@@ -60,7 +60,7 @@ def raw_loop(max_tokens: int, config: dict) -> dict:
     items = data.train_dataloader()
     order = loader_order(items).global_order(world_size=1, accumulate_grad_batches=1)
     sampler = GlobalOrderSampler(order, 1, 0, config["data"]["batch_size"])
-    loader = seam.loader_with_sampler(items, sampler)
+    loader = loader_with_sampler(items, sampler)
     network = TinyTransformer(**config["network"])
     optimizer = torch.optim.AdamW(network.parameters(), **config["optimizer"])
     batch, context = config["data"]["batch_size"], config["data"]["context"]

@@ -1,6 +1,6 @@
 """Train-loader throughput over optimized shards, in both orders the template has: the
 global order (the default: items read by index through a map-style loader and the
-``GlobalOrderSampler``) and litdata's own ``StreamingDataLoader`` (``--data.elastic
+``GlobalOrderSampler``) and litdata's own ``StreamingDataLoader`` (``--data.global_order
 false``, chunk by chunk), and the global order without ``streaming.owned_bytes``'s
 copy of each ``bytes`` field, vs the same arrays from a numpy memmap through a plain
 DataLoader (num_workers 0, 1, 2; same batch size and collate work).
@@ -20,9 +20,9 @@ from common import bench_args, interleave, machine, synthetic_source, table
 
 from examples.digits.data import DigitsDataModule
 from examples.digits.prepare import prepare
-from train_template import seam
-from train_template.elastic import loader_order
 from train_template.order import GlobalOrderSampler
+from train_template.order_loader import loader_order
+from train_template.seam.loop import loader_with_sampler
 
 BATCH = 256
 
@@ -79,16 +79,16 @@ def main() -> None:
         for workers in (0, 1, 2):
             data = DigitsDataModule(
                 str(tmp / "shards"), batch_size=BATCH, num_workers=workers, shuffle=True,
-                elastic=False,
+                global_order=False,
             )  # fmt: skip
             data.setup("fit")
-            elastic = DigitsDataModule(
+            in_order = DigitsDataModule(
                 str(tmp / "shards"), batch_size=BATCH, num_workers=workers, shuffle=True
             )
-            elastic.setup("fit")
-            items = elastic.train_dataloader()  # what the trainer is handed, then given:
+            in_order.setup("fit")
+            items = in_order.train_dataloader()  # what the trainer is handed, then given:
             order = loader_order(items).global_order(world_size=1, accumulate_grad_batches=1)
-            ordered = seam.loader_with_sampler(items, GlobalOrderSampler(order, 1, 0, BATCH))
+            ordered = loader_with_sampler(items, GlobalOrderSampler(order, 1, 0, BATCH))
             # The cost of streaming.owned_bytes (bytes fields copied out of the chunk's map):
             # the same loader over a dataset that hands back the views.
             viewed = DigitsDataModule(
@@ -96,7 +96,7 @@ def main() -> None:
             )
             viewed.setup("fit")
             viewed.datasets["train"].transform = as_read
-            views = seam.loader_with_sampler(
+            views = loader_with_sampler(
                 viewed.train_dataloader(), GlobalOrderSampler(order, 1, 0, BATCH)
             )
             memmap = torch.utils.data.DataLoader(

@@ -29,21 +29,21 @@ from conftest import free_port  # noqa: E402
 
 from examples.digits.data import DigitsDataModule  # noqa: E402
 from examples.digits.prepare import prepare  # noqa: E402
-from train_template import seam  # noqa: E402
-from train_template.elastic import loader_order  # noqa: E402
 from train_template.order import GlobalOrderSampler  # noqa: E402
+from train_template.order_loader import loader_order  # noqa: E402
+from train_template.seam.loop import loader_with_sampler  # noqa: E402
 
 BATCH = 256
 
 
-def train_loader(data_dir: str, elastic: bool):
+def train_loader(data_dir: str, global_order: bool):
     """The train loader a one-process fit trains on, in either order."""
-    data = DigitsDataModule(data_dir, batch_size=BATCH, shuffle=True, elastic=elastic)
+    data = DigitsDataModule(data_dir, batch_size=BATCH, shuffle=True, global_order=global_order)
     data.setup("fit")
     loader = data.train_dataloader()
-    if elastic:
+    if global_order:
         order = loader_order(loader).global_order(world_size=1, accumulate_grad_batches=1)
-        loader = seam.loader_with_sampler(loader, GlobalOrderSampler(order, 1, 0, BATCH))
+        loader = loader_with_sampler(loader, GlobalOrderSampler(order, 1, 0, BATCH))
     return data, loader
 
 
@@ -54,7 +54,7 @@ def samples_per_second(loader) -> float:
     return count / (time.perf_counter() - start)
 
 
-def cold(url: str, elastic: bool, copies: int):
+def cold(url: str, global_order: bool, copies: int):
     """Passes over fresh copies of the shards (a server-side copy under another prefix):
     litdata caches chunks per URL, so every chunk is downloaded during the pass."""
     import fsspec
@@ -62,11 +62,11 @@ def cold(url: str, elastic: bool, copies: int):
     fs, root = fsspec.core.url_to_fs(url)
     fresh = []
     for copy in range(copies):
-        fs.copy(root, f"{root}-{int(elastic)}-{copy}", recursive=True)
-        fresh.append(f"{url}-{int(elastic)}-{copy}")
+        fs.copy(root, f"{root}-{int(global_order)}-{copy}", recursive=True)
+        fresh.append(f"{url}-{int(global_order)}-{copy}")
 
     def measure() -> float:
-        data, loader = train_loader(fresh.pop(), elastic)
+        data, loader = train_loader(fresh.pop(), global_order)
         try:
             return samples_per_second(loader)
         finally:
@@ -109,14 +109,14 @@ def main() -> None:
                 f"3x32x32 uint8, batch {BATCH}, one full pass per measurement, main process; "
                 f"SeaweedFS on loopback, plain http\n"
             )
-            for elastic, name in ((False, "litdata stream"), (True, "global order")):
-                local_data, local = train_loader(str(tmp / "shards"), elastic)
-                remote_data, remote = train_loader(url, elastic)
+            for global_order, name in ((False, "litdata stream"), (True, "global order")):
+                local_data, local = train_loader(str(tmp / "shards"), global_order)
+                remote_data, remote = train_loader(url, global_order)
                 samples_per_second(remote)  # fills its cache: the warm case
                 results = interleave(
                     {
                         "local disk": lambda loader=local: samples_per_second(loader),
-                        "s3, cold": cold(url, elastic, args.repeats),
+                        "s3, cold": cold(url, global_order, args.repeats),
                         "s3, warm": lambda loader=remote: samples_per_second(loader),
                     },
                     args.repeats,

@@ -19,7 +19,7 @@ from examples.digits.data import DigitsDataModule
 from examples.digits.module import ClassifierModule
 from examples.digits.network import MLP
 from examples.digits.prepare import prepare
-from train_template.planning import PlannedTrainer
+from train_template.planned_trainer import PlannedTrainer
 from train_template.steps import template_callbacks
 
 BATCH = 32

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
 
-from train_template import seam
+from train_template.seam.loop import is_logging_step
 
 
 class ThroughputMonitor(Callback):
@@ -80,7 +80,7 @@ class ThroughputMonitor(Callback):
         self._totals["batches"] += 1
         self._totals["samples"] += samples
         self._totals["items"] += items
-        if not seam.is_logging_step(trainer):
+        if not is_logging_step(trainer):
             return
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()  # queued work counts; once per logging step
@@ -119,12 +119,14 @@ class SampleIdRecorder(Callback):
     written is what the finished run trained on.
     """
 
-    def __init__(self, out_dir: str) -> None:
+    def __init__(self, out_dir: str, ids_key: str = "index") -> None:
         """
         Args:
             out_dir: Directory for ``samples-rank<R>.jsonl`` files.
+            ids_key: The field of a (dict) batch that holds each sample's id.
         """
         self.out_dir = out_dir
+        self.ids_key = ids_key
         self._lr: float | None = None
         self._plan_written = False
 
@@ -162,7 +164,7 @@ class SampleIdRecorder(Callback):
             "step": self._step,
             "world_size": trainer.world_size,
             "lr": self._lr,
-            "ids": batch["index"].tolist(),
+            "ids": batch[self.ids_key].tolist(),
         }
         path = Path(self.out_dir) / f"samples-rank{trainer.global_rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,19 @@
 """The command line: LightningCLI with the template's options, the ``plan`` dry run and errors.
 
 ``--model CLASS_PATH`` and ``--data CLASS_PATH`` take any LightningModule and
-LightningDataModule (default: the digits example); the machinery below works for
-any of them. Options beyond the Trainer's, model's and DataModule's own:
+LightningDataModule; the machinery names none. Every subcommand starts from
+``configs/base.yaml`` (the machinery's defaults: seed, length, logging, throughput, LR
+curve), then ``configs/default.yaml`` when it exists (the model and data a plain
+``python train.py fit`` trains: the embedded example, or yours), then each ``--config``.
+Options beyond the Trainer's, model's and DataModule's own (``options.py``):
 
-- ``--checkpoint.*``: the ModelCheckpoint used for training. Default: save at the end
-  of every training epoch into ``<default_root_dir>/checkpoints`` (the same folder on
-  every relaunch), keep ``last.ckpt`` and the best two by ``val/acc``.
-- ``--plan.*``: the training plan's own inputs (``max_samples``, ``max_tokens``).
-- ``--lr_schedule.*``: the whole LR curve, warmup included (``schedule.LRSchedule``).
+- ``--checkpoint.*``: the ModelCheckpoint used for training (``checkpointing.py``).
+  Default: save at the end of every training epoch into ``<default_root_dir>/checkpoints``
+  (the same folder on every relaunch), keep ``last.ckpt``.
+- ``--plan.*``: the training plan's own inputs (``max_samples``, ``max_tokens``, ...).
+- ``--lr_schedule.*``: the whole LR curve, warmup included (``schedule.py``).
 - ``--preemption.*``: how often several processes agree on a SIGUSR1/SIGTERM.
 - ``--distributed.timeout_s``: the longest a rank waits for a lost peer (``distributed``).
-
-``configs/default.yaml`` is the base of every run (the embedded default); a ``--config``
-overlays it, so ``configs/ddp.yaml`` says only what DDP changes.
 - ``--ckpt_path last`` resumes from the newest complete checkpoint of the run
   (``last.ckpt`` unless it is missing or damaged) and fails if there is none;
   ``--ckpt_path auto`` does the same and starts fresh when there is none (what a
@@ -22,47 +22,29 @@ overlays it, so ``configs/ddp.yaml`` says only what DDP changes.
 
 from __future__ import annotations
 
-import os
-import re
-import sys
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser
 
-from train_template import launch, storage
-from train_template.checkpointing import RunCheckpoint, resolve_ckpt_path
-from train_template.distributed import DistributedOptions, lost_peer_line
+from train_template import cli_errors, launch, storage
+from train_template.checkpoint_files import resolve_ckpt_path
+from train_template.checkpointing import CHECKPOINT_DEFAULTS, RunCheckpoint
 from train_template.errors import UserError
-from train_template.planning import PlannedTrainer, PlanOptions
-from train_template.preemption import PreemptionOptions
+from train_template.options import DistributedOptions, LRSchedule, PlanOptions, PreemptionOptions
+from train_template.planned_trainer import PlannedTrainer
 from train_template.quiet import silence_known_messages
-from train_template.schedule import LRSchedule
-from train_template.seam import CLISeam, set_collective_timeout
+from train_template.run_dir import check_writable, default_loggers, refuse_to_overwrite
+from train_template.seam.cli import CLISeam
+from train_template.seam.loop import set_collective_timeout
 from train_template.steps import template_callbacks
 
-# The embedded example, named (not imported) so that the machinery never depends on it:
-# `--model` / `--data` or a config's `model:` / `data:` block replace these.
-DEFAULT_MODEL = "examples.digits.module.ClassifierModule"
-DEFAULT_DATA = "examples.digits.data.DigitsDataModule"
-# The base config every --config overlays (model, data, length, logging, LR curve).
-BASE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
-
-CHECKPOINT_DEFAULTS = {
-    "checkpoint.filename": "epoch{epoch:03d}-step{step:06d}",
-    "checkpoint.auto_insert_metric_name": False,
-    "checkpoint.monitor": "val/acc",
-    "checkpoint.mode": "max",
-    "checkpoint.save_top_k": 2,
-    "checkpoint.save_last": True,
-    "checkpoint.save_on_train_epoch_end": True,
-    # Relaunches write the same names: a preemption save made before the callback's own
-    # first save would otherwise turn the next save into last-v1.ckpt, which no relaunch
-    # reads. A fresh fit over an earlier run's checkpoints is refused instead.
-    "checkpoint.enable_version_counter": False,
-}
+# Loaded before every --config, in this order, for every subcommand: the machinery's
+# base, then the project's default model and data (a fork may delete or replace it).
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+BASE_CONFIGS = (CONFIGS / "base.yaml", CONFIGS / "default.yaml")
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "plan")
 
 
 class TemplateCLI(CLISeam):
@@ -85,8 +67,6 @@ class TemplateCLI(CLISeam):
         parser.add_class_arguments(LRSchedule, "lr_schedule")
         parser.add_class_arguments(PreemptionOptions, "preemption")
         parser.add_class_arguments(DistributedOptions, "distributed")
-        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
-        parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
 
     def extra_subcommands(self) -> dict[str, str]:
         return {"plan": "Print the training plan (any world size) without training."}
@@ -104,9 +84,9 @@ class TemplateCLI(CLISeam):
         )
 
     def run_extra_subcommand(self, name: str) -> None:
-        from train_template.dry_run import run_plan
+        from train_template.plan_command import print_plan
 
-        run_plan(self.config["plan"], self.datamodule, self.model, self.config_init["plan"])
+        print_plan(self.config["plan"], self.datamodule, self.model, self.config_init["plan"])
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -171,102 +151,21 @@ class TemplateCLI(CLISeam):
             refuse_to_overwrite(self.config["fit"].checkpoint.dirpath)
 
 
-def default_loggers(root: str) -> list[dict]:
-    """CSV (``metrics.csv``) and TensorBoard (``events.out.tfevents.*``) loggers, both
-    writing into ``<root>/logs/version_N``: the same keys, one folder per launch."""
-    version = next_log_version(root)
-    options = {"save_dir": root, "name": "logs", "version": version}
-    return [
-        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": options},
-        {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {**options, "default_hp_metric": False},
-        },
-    ]
-
-
-def next_log_version(root: str) -> int:
-    """The next free ``version_N`` under ``<root>/logs`` (as Lightning's loggers count),
-    local or in object storage."""
-    names = storage.names_in(storage.join(root, "logs"))
-    taken = [int(n.removeprefix("version_")) for n in names if n.removeprefix("version_").isdigit()]
-    return max(taken, default=-1) + 1
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def check_writable(root: str) -> None:
-    """Fail before any work when the run directory cannot be created or written (an
-    object store: no such bucket, bad credentials, no endpoint)."""
-    try:
-        storage.check_writable(root)
-    except Exception as error:  # noqa: BLE001 - OSError, or the object store's own errors
-        reason = (
-            getattr(error, "strerror", None) or str(error).splitlines()[0] or type(error).__name__
-        )
-        where = "choose a directory you can write to"
-        if storage.is_url(root):
-            where = "check the bucket and the AWS_* settings (AWS_ENDPOINT_URL, keys)"
-        raise UserError(
-            f"--trainer.default_root_dir={root} is not writable ({reason}): {where}"
-        ) from None
-
-
-def refuse_to_overwrite(checkpoint_dir: str) -> None:
-    """A fresh fit must not replace an earlier run's checkpoints of the same names."""
-    if storage.files_in(checkpoint_dir, "*.ckpt"):
-        raise UserError(
-            f"{checkpoint_dir} already holds checkpoints of an earlier run: resume it with "
-            "--ckpt_path last (or auto), or start a new run with another --trainer.default_root_dir"
-        )
-
-
 def main(args: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns user errors into one line and exit status 2."""
     silence_known_messages()
+    defaults = [str(path) for path in BASE_CONFIGS if path.is_file()]
     parser_kwargs: dict[str, Any] = {"exit_on_error": False}
-    if BASE_CONFIG.is_file():
-        for subcommand in ("fit", "validate", "test", "predict", "plan"):
-            parser_kwargs[subcommand] = {"default_config_files": [str(BASE_CONFIG)]}
+    for subcommand in SUBCOMMANDS:
+        parser_kwargs[subcommand] = {"default_config_files": defaults}
     try:
         TemplateCLI(args=args, parser_kwargs=parser_kwargs)
         end_process_group()
     except SystemExit:
         end_process_group()  # a preemption save: every rank agreed and left at one step
         raise
-    except UserError as error:
-        _fail(str(error))
-    except MisconfigurationException as error:  # Lightning's own "fix your settings" errors
-        _fail(" ".join(str(error).split()))
-    except ValueError as error:
-        # jsonargparse wraps an error raised in a --model/--data class's __init__ in its
-        # union explanation; the class's own one-line message is inside.
-        if "Does not validate against any of the Union subtypes" not in str(error):
-            raise
-        _fail(parser_error_line(str(error)))
-    except RuntimeError as error:
-        lost = lost_peer_line(error) or storage.outage_line(error)
-        if lost:
-            # The group cannot be closed without the lost peer: leave without waiting.
-            _leave(lost)
-        # torch's strict load_state_dict lists every key over many lines: name the first.
-        if "Error(s) in loading state_dict" not in str(error):
-            raise
-        first = next(line.strip() for line in str(error).splitlines()[1:] if line.strip())
-        _fail(
-            f"the checkpoint holds a different model ({first[:200]}): use a checkpoint of "
-            "this model, or the --model settings it was trained with"
-        )
-    except Exception as error:  # jsonargparse reports bad options with its own type
-        if type(error).__name__ == "ArgumentError":
-            _fail(with_renamed_hint(parser_error_line(str(error))))
-        if outage := storage.outage_line(error):
-            # Other ranks may wait in a collective for this one: leave without waiting.
-            _leave(outage)
+    except Exception as error:
+        cli_errors.report(error)  # one line and exit, unless it is a bug
         raise
 
 
@@ -285,62 +184,7 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def with_renamed_hint(line: str) -> str:
-    """Options renamed in this version: an old name is refused with its new name."""
-    renamed = "--plan.warmup" in line or ("lr_schedule" in line and "model" in line)
-    if renamed and "unrecognized" in line:
-        return (
-            f"{line}: the whole LR curve is --lr_schedule.* now (warmup_steps, warmup_epochs, "
-            "warmup_fraction, decay, final_lr_factor, warmup_start_factor, stable_fraction)"
-        )
-    return line
+def _cuda_available() -> bool:
+    import torch
 
-
-_UNION_NOISE = (
-    "Does not validate against any of the Union subtypes",
-    "Subtypes:",
-    "Errors:",
-    "Given value",
-    "- Expected a <class 'NoneType'>",
-)
-
-
-def parser_error_line(message: str) -> str:
-    """jsonargparse's nested, multi-line explanation -> its one relevant line.
-
-    With ``--model``/``--data`` in subclass mode every bad option is wrapped in union
-    errors ("Does not validate against any of the Union subtypes ... NoneType"); what
-    the user needs is the option's full key and the innermost reason.
-    """
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(_UNION_NOISE)]
-    if not useful:
-        return " ".join(lines)[:400]
-    reason = useful[-1].removeprefix("- ")
-    if reason.startswith("--"):  # the template's own one-line error, raised in __init__
-        return reason
-    keys = [k for line in useful for k in re.findall(r'^Parser key "([^"]+)"', line)]
-    before = useful[-2].removeprefix("- ") if len(useful) > 1 else ""
-    if before.startswith("Problem with given class_path"):
-        reason = f"{before} {reason}"
-    line = f'Parser key "{".".join(keys)}": {reason}' if keys else " ".join(useful)
-    return line if len(line) < 400 else line[:397] + "..."
-
-
-def _error_line(message: str) -> str:
-    rank = launch.global_rank_from_env()
-    return f"{'error' if rank == 0 else f'error (rank {rank})'}: {message}"
-
-
-def _leave(message: str) -> None:
-    """One error line and exit status 1 at once: a fault of the run's surroundings (a
-    lost peer, an object store gone), not of its settings; no clean-up that could wait
-    on a peer or on the store."""
-    sys.stdout.flush()
-    print(_error_line(message), file=sys.stderr, flush=True)
-    os._exit(1)
-
-
-def _fail(message: str) -> None:
-    print(_error_line(message), file=sys.stderr)
-    sys.exit(2)
+    return torch.cuda.is_available()

@@ -23,7 +23,6 @@ rank's checkpoint save, a validation pass on rank 0 alone, the first step's comp
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 # What torch's backends raise when a peer is gone (torch 2.15: gloo's tcp transport,
 # the TCPStore, NCCL's error reporting), in the order they are looked for.
@@ -37,15 +36,6 @@ LOST_PEER_PATTERNS = (
     (r"(?i)watchdog caught collective operation timeout", "a collective timed out"),
     (r"(?i)NCCL communicator was aborted", "a peer's NCCL communicator was aborted"),
 )
-
-
-@dataclass
-class DistributedOptions:
-    """How long ranks wait for each other (``--distributed.*``)."""
-
-    timeout_s: float = 300.0
-    """The longest any rank waits for a peer in a collective (the process group's timeout;
-    NCCL's watchdog timeout on GPUs). Then the surviving ranks exit non-zero."""
 
 
 def lost_peer_line(error: BaseException) -> str | None:

@@ -8,3 +8,7 @@ bug in the template or a library and keeps its traceback.
 
 class UserError(Exception):
     """A bad setting, bad data or an unusable checkpoint; the message says what to change."""
+
+
+class PlanError(UserError, ValueError):
+    """A plan input the user has to change; the message is one line naming the setting."""

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from litdata import StreamingDataLoader, StreamingDataset
 
-from train_template import seam
+from train_template.seam.litdata import loader_state_at
 
 
 class EvenBatchesLoader:
@@ -122,4 +122,4 @@ class EvenBatchesLoader:
         """
         own = min(batches_yielded, self.own_batches)
         samples = own * int(self.batch_size or 1)
-        return seam.loader_state_at(saved, samples, own, self.loader.num_workers)
+        return loader_state_at(saved, samples, own, self.loader.num_workers)

@@ -19,7 +19,7 @@ import torch
 from train_template.errors import UserError
 
 _ADVICE = (
-    "lower the learning rate (--model.optimizer.init_args.lr) or set "
+    "lower the learning rate (your --model option for it) or set "
     "--trainer.gradient_clip_val; the last good checkpoint is kept"
 )
 

@@ -15,7 +15,10 @@ twice that epoch), with it the tail of fewer than ``G`` samples waits for anothe
 Pure numpy arithmetic; the cost is one permutation of ``num_samples`` int64 per rank
 (8 bytes a sample) and reads across all chunks (no chunk locality).
 
-:class:`GlobalOrderSampler` is one rank's share as a torch ``Sampler``: ``elastic.py`` puts
+The option that selects it is ``--data.global_order`` (default on; unrelated to torchrun's
+"elastic" mode, which restarts workers on the nodes left: this order is what lets such a
+restart continue exactly). :class:`GlobalOrderSampler` is one rank's share as a torch
+``Sampler``: ``order_loader.py`` puts
 it where Lightning would put its ``DistributedSampler``, for any map-style train loader.
 """
 
@@ -28,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Sampler
 
-from train_template.plan import PlanError, TrainLayout, accumulation_for
+from train_template.errors import PlanError
+from train_template.layout import TrainLayout, accumulation_for, train_layout
 
 
 @dataclass(frozen=True)
@@ -151,12 +155,12 @@ def global_order_layout(
         ("shuffle", order.shuffle),
         ("drop_last", order.drop_last),
         ("seed", order.seed),
-        ("elastic", True),
+        ("global_order", True),
     )
-    return TrainLayout(
-        batch_size=batch_size,
+    return train_layout(
+        batch_size,
+        shares,
         rank_batches=(batches,) * world_size,
-        rank_samples=shares,
         tokens_per_sample=tokens_per_sample,
         order=settings,
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from train_template.errors import UserError
-
-
-@dataclass
-class PreemptionOptions:
-    """How a SIGUSR1/SIGTERM is handled (``--preemption.*``)."""
-
-    check_every_n_steps: int = 5
-    """With several processes, agree on a received signal every this many optimizer steps
-    (one small all-reduce each time). A single process checks after every optimizer step."""
+from train_template.options import PreemptionOptions
 
 
 def closes_accumulation_window(trainer: pl.Trainer, batch_idx: int) -> bool:

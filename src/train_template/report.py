@@ -1,4 +1,6 @@
-"""``training.png``: the picture of a run, drawn from its ``metrics.csv`` files.
+"""What a person reads of a run: the plan table, ``plan.json`` and ``training.png``.
+
+``training.png`` is drawn from the run's ``metrics.csv`` files.
 
 Four panels: training loss per step, learning rate per step, validation metrics, and
 throughput; the plan's numbers in the title. It reads every ``version_*/metrics.csv`` of
@@ -13,10 +15,14 @@ with ``_per_sec``, as learning rate when it starts with ``lr-``. ``train.py plan
 from __future__ import annotations
 
 import csv
+import posixpath
 from pathlib import Path
 from typing import Any
 
+from train_template import storage
+
 PLOT_FILE = "training.png"
+PLAN_FILE = "plan.json"
 
 
 def read_metrics(log_root: Path) -> dict[str, dict[int, float]]:
@@ -110,3 +116,65 @@ def _title(plan: Any) -> str:
         f"({plan.batch_size} x {plan.accumulate_grad_batches} x {plan.world_size}), "
         f"warmup {plan.warmup_steps}"
     )
+
+
+def format_plan(plan: Any, planned_schedule: bool = True) -> str:
+    """The table printed on rank 0 when fit starts and by the dry run. Warmup is shown
+    only when the module's scheduler is the template's planned one (``planned_schedule``);
+    any other scheduler decides its own warmup."""
+    rows = [
+        ("world size", f"{plan.world_size} ({plan.num_nodes} node(s) x {plan.devices} device(s))"),
+        ("batch size per device", plan.batch_size),
+        ("accumulate grad batches", plan.accumulate_grad_batches),
+        ("global batch size", plan.global_batch_size),
+        ("batches per epoch (per rank)", _known(plan.batches_per_epoch)),
+        ("samples per epoch (all ranks)", _known(plan.samples_per_epoch)),
+        ("optimizer steps per epoch", _known(plan.steps_per_epoch)),
+        ("epochs", _known(plan.epochs)),
+        ("max steps", f"{plan.max_steps} (length from {plan.length_from})"),
+        (
+            "warmup steps",
+            plan.warmup_steps if planned_schedule else "set by the module's scheduler",
+        ),
+    ]
+    if plan.tokens_per_sample is not None:
+        rows += [
+            ("tokens per sample", plan.tokens_per_sample),
+            ("tokens per optimizer step", plan.global_tokens_per_step),
+            ("tokens in the run", plan.max_steps * plan.global_tokens_per_step),
+        ]
+    width = max(len(name) for name, _ in rows)
+    lines = ["Training plan", "-" * (width + 24)]
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _known(value: int | None) -> int | str:
+    return "unknown (a stream without a length)" if value is None else value
+
+
+def draw_training_plot(trainer: Any, log_dir: str, plan: Any) -> None:
+    """``training.png`` from the CSV logger's files (none without a CSV logger); in
+    object storage the run's ``metrics.csv`` files are read into a local folder first."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities import rank_zero_info
+
+    csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+    if not csv_loggers:
+        return
+    for logger in trainer.loggers:
+        logger.save()  # the rows still in memory
+    log_root = posixpath.dirname(str(csv_loggers[0].log_dir).rstrip("/"))
+    target = storage.join(log_dir, PLOT_FILE)
+    with (
+        storage.local_copy(log_root, "*/metrics.csv") as local_root,
+        storage.local_file(target) as out,
+    ):
+        drawn = plot_run(Path(local_root), out, plan)
+    if drawn is not None:
+        rank_zero_info(f"training plot: {target}")
+
+
+def write_plan(plan: Any, log_dir: str) -> None:
+    """``<log_dir>/plan.json``: the plan a fit trains by (local or object storage)."""
+    storage.write_text(storage.join(log_dir, PLAN_FILE), plan.to_json())

@@ -19,34 +19,9 @@ multiplier stays at the final value, so a scheduler can never run past its end.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from train_template.plan import WarmupSetting
-
-
-@dataclass
-class LRSchedule:
-    """The learning-rate curve of the run; its length comes from the training plan."""
-
-    warmup_steps: int | None = None
-    """Linear warmup, in optimizer steps (wins over epochs and fraction)."""
-    warmup_epochs: float | None = None
-    """Linear warmup, in epochs (rounded up to whole steps; wins over fraction)."""
-    warmup_fraction: float | None = None
-    """Linear warmup, as a fraction of all optimizer steps."""
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warmup: cosine or linear to ``final_lr_factor``, or constant."""
-    final_lr_factor: float = 0.05
-    """LR at the last optimizer step, as a fraction of the optimizer's base LR."""
-    warmup_start_factor: float = 0.01
-    """LR at the first warmup step, as a fraction of the base LR."""
-    stable_fraction: float = 0.0
-    """Warmup-stable-decay: fraction of the post-warmup steps held at the peak LR."""
-
-    @property
-    def warmup(self) -> WarmupSetting:
-        return WarmupSetting(self.warmup_steps, self.warmup_fraction, self.warmup_epochs)
+from train_template.options import LRSchedule
 
 
 def planned_lr_scheduler(optimizer: Any, trainer: Any, schedule: LRSchedule | None = None) -> dict:

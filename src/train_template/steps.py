@@ -7,25 +7,23 @@ checkpoint callback (Lightning runs ModelCheckpoint after every other callback),
 reads what Lightning hands every callback.
 
 At **setup** (``fit``, before the checkpoint is restored and before ``configure_optimizers``)
-  1. the training plan is made from the real data (``planning.plan_run``) and put on the
-     trainer (``trainer.training_plan``, and ``trainer.lr_schedule`` for
-     ``planned_lr_scheduler``): ``estimated_stepping_batches`` is its ``max_steps``;
-  2. Lightning's epoch limit becomes the plan's epochs; its step limit waits (seam).
+  1. a resumed fit reads the template's state of its checkpoint, once (``resume.Resume``);
+  2. the training plan is made from the real data (``planned_trainer.plan_for_trainer``;
+     in the global sample order a checkpoint's global batch wins on any layout, the
+     accumulation re-derived) and put on the trainer (``trainer.training_plan``, and
+     ``trainer.lr_schedule`` for ``planned_lr_scheduler``): ``estimated_stepping_batches``
+     is its ``max_steps``; Lightning's epoch limit becomes the plan's epochs; its step
+     limit waits (``seam.loop.release_step_limit``).
 
-At a **resume** (the checkpoint restored, ``on_load_checkpoint`` and ``load_state_dict``)
-  3. in the global sample order (the default for map-style loaders and
-     ``StreamingDataModule``: ``elastic.py``) the checkpoint's global batch wins:
-     another layout re-derives the accumulation and Lightning's batch counters are
-     rescaled to it;
-     the checkpoint's plan is compared with this launch's (``plan.RESUME_KEYS``: world
-     size, data settings, batch, accumulation, data size, length, warmup; in the global
-     order ``ELASTIC_RESUME_KEYS``: global batch, epochs, length, warmup, data settings):
-     a change stops the run in one line;
-  4. every rank's saved RNG states are kept to put back at the first batch.
+At a **resume** (``on_load_checkpoint``, before Lightning restores its loops)
+  3. the checkpoint's plan is compared with this launch's (``resume.RESUME_KEYS``, or
+     ``GLOBAL_ORDER_RESUME_KEYS`` in the global order): a change stops the run in one
+     line; Lightning's micro-batch counters are rescaled to a re-derived accumulation;
+  4. (every rank's saved RNG states wait for the first batch.)
 
 At **train start** (the loader built and restored)
   (before it) Lightning prepares the train loader: a plain map-style one gets the global
-     order's sampler, positioned at the restored step (``elastic.py``, installed by
+     order's sampler, positioned at the restored step (``order_loader.py``, installed by
      ``PlannedTrainer`` where Lightning would put its ``DistributedSampler``);
   5. every rank's real batch count is gathered and checked against the plan;
   6. the step limit is set to the plan's ``max_steps``; the plan is printed (rank 0) and
@@ -33,7 +31,7 @@ At **train start** (the loader built and restored)
   7. SIGUSR1/SIGTERM handlers are installed (they only record the signal).
 
 At each **epoch start**
-  8. litdata's stale restore flag is cleared (``--data.elastic false``), so the epoch after
+  8. litdata's stale restore flag is cleared (``--data.global_order false``), so the epoch after
      a mid-epoch resume is a fresh, reshuffled epoch (the global order's sampler is moved
      to the epoch by Lightning's own ``set_epoch``).
 
@@ -42,7 +40,7 @@ At each **batch start**
 
 At each **optimizer step** (after backward, the DDP all-reduce and AMP unscaling)
   10. an epoch's last, short accumulation window gets the mean gradient of the batches it
-      holds (``planning.scale_short_window``);
+      holds (:func:`scale_short_window`);
   11. the LR of the step goes to the loggers (``lr-<Optimizer>`` in ``metrics.csv``).
 
 At each **batch end**
@@ -67,34 +65,28 @@ At the **end of the fit**
 
 from __future__ import annotations
 
-import dataclasses
-import posixpath
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from train_template import seam, storage
-from train_template.checkpointing import gathered_rng_states, restore_rng_states
-from train_template.errors import UserError
+from train_template import resume
 from train_template.guards import FiniteGuard
-from train_template.plan import TrainingPlan, accumulation_window_size, format_plan
-from train_template.planning import (
-    PlanOptions,
-    check_loader,
-    check_resume,
-    check_stream_lasted,
-    is_elastic,
-    plan_of_trainer,
+from train_template.layout import accumulation_window_size
+from train_template.options import LRSchedule, PlanOptions, PreemptionOptions
+from train_template.plan import TrainingPlan
+from train_template.planned_trainer import check_loader, check_stream_lasted, plan_for_trainer
+from train_template.preemption import PreemptionSave
+from train_template.report import draw_training_plot, format_plan, write_plan
+from train_template.schedule import is_planned_scheduler
+from train_template.seam.litdata import clear_stale_restore
+from train_template.seam.loop import (
+    batch_index,
+    is_logging_step,
+    release_step_limit,
+    set_step_limit,
 )
-from train_template.preemption import PreemptionOptions, PreemptionSave
-from train_template.report import PLOT_FILE, plot_run
-from train_template.schedule import LRSchedule, is_planned_scheduler
-
-PLAN_FILE = "plan.json"
 
 
 def template_callbacks(
@@ -104,7 +96,7 @@ def template_callbacks(
     checkpoint: Callback | None = None,
     predict: bool = False,
 ) -> list[Callback]:
-    """The template's callbacks, in order; use them with ``planning.PlannedTrainer``.
+    """The template's callbacks, in order; use them with ``planned_trainer.PlannedTrainer``.
 
     ``checkpoint``: the run's ``RunCheckpoint`` (the CLI adds its own from ``--checkpoint.*``).
     ``predict``: add the writer of ``predictions.csv`` / ``predictions.txt``.
@@ -135,7 +127,11 @@ class RunMachinery(Callback):
         self.finite = FiniteGuard()
         self.preemption = PreemptionSave(preemption or PreemptionOptions())
         self.plan: TrainingPlan | None = None
-        self._rng_to_restore: list[dict[str, Any]] | None = None
+        self.resume: resume.Resume | None = None  # what a resumed fit's checkpoint brings
+
+    @property
+    def state_key(self) -> str:
+        return resume.STATE_KEY  # the template's entry in every checkpoint
 
     # -- setup and resume (1-4) -----------------------------------------------------
 
@@ -143,45 +139,19 @@ class RunMachinery(Callback):
         trainer.lr_schedule = self.lr_schedule
         if stage != "fit":
             return
-        self.plan = plan_of_trainer(trainer, pl_module, self.options)
+        self.resume = resume.Resume.read(getattr(trainer, "resuming_from", None))
+        self.plan = plan_for_trainer(trainer, pl_module, self.options, self.resume)
         trainer.training_plan = self.plan
-        seam.release_step_limit(trainer, self.plan.epochs or 1)  # a stream: one pass
+        release_step_limit(trainer, self.plan.epochs or 1)  # a stream: one pass
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # In the global sample order the run's global batch is the invariant: another
-        # layout re-derives the accumulation from it, before configure_optimizers and
-        # before Lightning restores its batch counters (rescaled to the new accumulation).
-        saved = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("plan")
-        plan = self.plan
-        if not (saved and plan is not None and is_elastic(saved) and is_elastic(plan)):
-            return
-        # A global batch stated now that differs is refused below (check_resume).
-        stated = self.options.global_batch_size is not None
-        if saved["global_batch_size"] != plan.global_batch_size and not stated:
-            trainer.accumulate_grad_batches = 1  # derived from the checkpoint's global batch
-            options = dataclasses.replace(
-                self.options, global_batch_size=saved["global_batch_size"]
-            )
-            try:
-                self.plan = plan_of_trainer(trainer, pl_module, options)
-            except UserError as error:
-                raise UserError(
-                    f"resuming this run's global batch of {saved['global_batch_size']} "
-                    f"(checkpoint) at world size {trainer.world_size}: {error}"
-                ) from None
-            trainer.training_plan = self.plan
-            seam.release_step_limit(trainer, self.plan.epochs or 1)
-        if saved["accumulate_grad_batches"] != self.plan.accumulate_grad_batches:
-            seam.rescale_batch_progress(
-                checkpoint, saved["accumulate_grad_batches"], self.plan.accumulate_grad_batches
-            )
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.plan is not None:
-            check_resume(state_dict.get("plan"), self.plan)
-        self._rng_to_restore = state_dict.get("rng")
+        if self.plan is None:
+            return  # validate/test/predict from a checkpoint: weights only
+        if self.resume is None:  # a checkpoint Lightning resolved itself (hpc, registry)
+            self.resume = resume.Resume.of(str(trainer.ckpt_path), checkpoint)
+        self.resume.apply(checkpoint, self.plan)
 
     # -- train start (5-7) ----------------------------------------------------------
 
@@ -189,7 +159,7 @@ class RunMachinery(Callback):
         plan = self.plan
         assert plan is not None, "setup('fit') makes the plan"
         check_loader(trainer, plan)
-        seam.set_step_limit(trainer, plan.max_steps)
+        set_step_limit(trainer, plan.max_steps)
         planned = any(is_planned_scheduler(c.scheduler) for c in trainer.lr_scheduler_configs)
         log_dir = trainer.log_dir  # a broadcast in DDP: every rank must ask
         if trainer.is_global_zero:
@@ -206,16 +176,16 @@ class RunMachinery(Callback):
     # -- every epoch and step (8-15) ------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        seam.clear_stale_restore(trainer.train_dataloader)
+        clear_stale_restore(trainer.train_dataloader)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # Here, not at train start: Lightning's loops draw from the global generator
         # between on_train_start and the first batch.
-        if self._rng_to_restore:
-            restore_rng_states(self._rng_to_restore, trainer.global_rank)
-            self._rng_to_restore = None
+        if self.resume is not None:
+            self.resume.restore_rng(trainer.global_rank)
+            self.resume = None
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -233,7 +203,7 @@ class RunMachinery(Callback):
         batch_idx: int,
     ) -> None:
         self.finite.fold(outputs)
-        if seam.is_logging_step(trainer):
+        if is_logging_step(trainer):
             self.finite.check_loss(trainer, f"epoch {trainer.current_epoch}, batch {batch_idx}")
         # A length in steps, samples or tokens often ends mid-epoch, where Lightning would
         # stop without validating the final weights; asking it to stop here makes it
@@ -261,32 +231,7 @@ class RunMachinery(Callback):
         self.finite.check_before_save(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.plan is None:
-            return {}
-        return {"plan": self.plan.to_dict(), "rng": gathered_rng_states()}
-
-
-def draw_training_plot(trainer: pl.Trainer, log_dir: str, plan: TrainingPlan | None) -> None:
-    """``training.png`` from the CSV logger's files (none without a CSV logger); in
-    object storage the run's ``metrics.csv`` files are read into a local folder first."""
-    csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
-    if not csv_loggers:
-        return
-    for logger in trainer.loggers:
-        logger.save()  # the rows still in memory
-    log_root = posixpath.dirname(str(csv_loggers[0].log_dir).rstrip("/"))
-    target = storage.join(log_dir, PLOT_FILE)
-    with (
-        storage.local_copy(log_root, "*/metrics.csv") as local_root,
-        storage.local_file(target) as out,
-    ):
-        drawn = plot_run(Path(local_root), out, plan)
-    if drawn is not None:
-        rank_zero_info(f"training plot: {target}")
-
-
-def write_plan(plan: TrainingPlan, log_dir: str) -> None:
-    storage.write_text(storage.join(log_dir, PLAN_FILE), plan.to_json())
+        return {} if self.plan is None else resume.state_to_save(self.plan)
 
 
 def scale_short_window(trainer: pl.Trainer, plan: TrainingPlan, optimizer: Any) -> None:
@@ -298,7 +243,7 @@ def scale_short_window(trainer: pl.Trainer, plan: TrainingPlan, optimizer: Any) 
     accumulate = plan.accumulate_grad_batches
     if accumulate == 1 or plan.batches_per_epoch is None:
         return  # no short window: every window is full, or a stream has no epoch end
-    window = accumulation_window_size(seam.batch_index(trainer), plan.batches_per_epoch, accumulate)
+    window = accumulation_window_size(batch_index(trainer), plan.batches_per_epoch, accumulate)
     if window == accumulate:
         return
     scale = accumulate / window

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from train_template.streaming import StreamingDataModule
+from train_template import StreamingDataModule
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

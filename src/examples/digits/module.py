@@ -4,7 +4,7 @@ It wraps a plain ``nn.Module`` (``network.py``) and never reads files or the
 environment. It uses the machinery only as any module can: its LR schedule is
 ``train_template.schedule.planned_optimization`` (the run's ``--lr_schedule``, sized from
 ``trainer.estimated_stepping_batches``, the training plan) and it logs the training loss
-on Lightning's logging steps only (``train_template.seam.is_logging_step``).
+on Lightning's logging steps only (``train_template.is_logging_step``).
 Exact resume, the plan, the short-window gradient fix and the guards come from the
 template's callbacks, not from anything written here.
 """
@@ -22,8 +22,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from examples.digits.network import SmallCNN
-from train_template.schedule import planned_optimization
-from train_template.seam import is_logging_step
+from train_template import is_logging_step, planned_optimization
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:

@@ -15,7 +15,7 @@ import torch
 from litdata.streaming.item_loader import TokensLoader
 from torch.utils.data import DataLoader
 
-from train_template.streaming import StreamingDataModule
+from train_template import StreamingDataModule
 
 DEFAULT_PROMPTS = (
     "def fibonacci(n):\n",

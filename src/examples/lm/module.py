@@ -20,8 +20,7 @@ from torchmetrics import MeanMetric
 
 from examples.lm.network import TinyTransformer
 from examples.lm.prepare import decode, encode
-from train_template.schedule import planned_optimization
-from train_template.seam import is_logging_step
+from train_template import is_logging_step, planned_optimization
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:

@@ -1,4 +1,4 @@
-"""Elastic resume in the global sample order (the default): a run killed with SIGKILL
+"""A resume on another layout in the global sample order (the default): a run killed with SIGKILL
 after a mid-epoch checkpoint and relaunched on another number of processes continues with
 the same global batch (accumulation re-derived), and every later optimizer step, through
 the next epoch, trains on the same set of samples with the same LR as the uninterrupted
@@ -22,7 +22,7 @@ from train_template.order import GlobalOrder
 pytestmark = pytest.mark.ddp
 
 BATCH = 8
-ELASTIC = [
+ON_ANY_LAYOUT = [
     "--data.batch_size", str(BATCH),
     "--trainer.max_epochs", "2",
     "--trainer.precision", "32-true",
@@ -45,7 +45,7 @@ def audited(run_dir: Path, data: Path, audit: Path, *args: str) -> list[str]:
         "trainer:\n  callbacks:\n    - class_path: train_template.callbacks.SampleIdRecorder\n"
         f"      init_args: {{out_dir: {audit}}}\n"
     )
-    command = train_cmd("fit", run_dir, data, *ELASTIC, *args, config="ddp")
+    command = train_cmd("fit", run_dir, data, *ON_ANY_LAYOUT, *args, config="ddp")
     return [*command, "--config", str(overlay)]
 
 
@@ -123,7 +123,7 @@ def test_a_resume_on_another_world_size_trains_every_step_on_the_same_samples(
     # The plan a resume on 4 devices of batch 4 would use: the run's global batch of 16.
     status, printed, stderr = cli_in_process(
         [
-            *train_cmd("plan", run_dir, data, *ELASTIC, config="ddp")[2:],
+            *train_cmd("plan", run_dir, data, *ON_ANY_LAYOUT, config="ddp")[2:],
             *["--trainer.devices", "4", "--data.batch_size", "4", "--ckpt_path", "last"],
         ]
     )
@@ -137,7 +137,8 @@ def test_rescaled_batch_counters_keep_lightnings_saved_on_batch_end_mark():
     """A save in on_train_batch_end has completed == processed - 1 (how Lightning knows
     the batch finished); after a 1 -> 2 accumulation change the mark must survive, or a
     save on an epoch's last batch trains one window of that epoch again."""
-    from train_template.seam import rescale_batch_progress
+    from train_template.resume import rescale_batch_counters
+    from train_template.seam.checkpoint import batch_progress
 
     counters = {"ready": 12, "started": 12, "processed": 12, "completed": 11}
     checkpoint = {
@@ -147,8 +148,8 @@ def test_rescaled_batch_counters_keep_lightnings_saved_on_batch_end_mark():
             }
         }
     }
-    rescale_batch_progress(checkpoint, saved_accumulation=1, accumulation=2)
-    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    progress = batch_progress(checkpoint)
+    rescale_batch_counters(progress, saved_accumulation=1, accumulation=2)
     assert progress["current"] == {"ready": 24, "started": 24, "processed": 24, "completed": 23}
-    rescale_batch_progress(checkpoint, saved_accumulation=2, accumulation=1)
+    rescale_batch_counters(progress, saved_accumulation=2, accumulation=1)
     assert progress["total"] == counters

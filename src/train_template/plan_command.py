@@ -1,32 +1,36 @@
 """The ``plan`` command: the training plan for any world size, without training.
 
-It calls the same ``planning.plan_run`` a fit calls at setup, with the config's numbers
+It calls the same ``layouts.plan_for`` a fit calls at setup, with the config's numbers
 instead of a Trainer's: a data module with ``train_layout(world_size)`` (as
 ``StreamingDataModule``, with litdata's own length rule) is asked, any other is measured
 as Lightning's ``DistributedSampler`` would split it. ``--ckpt_path`` prints the plan a resume of that checkpoint would use at the given world
 size (in the global sample order: its global batch, the accumulation re-derived) and the
-step it continues from, or the one-line refusal a fit would give. ``--lr_curve`` calls the module's own
+step it continues from, or the one-line refusal a fit would give (the same
+``resume.Resume`` read and checks as a fit). ``--lr_curve`` calls the module's own
 ``configure_optimizers`` under a real (unlaunched) Trainer that holds the plan and steps
 its scheduler, so it draws the curve any module (OneCycleLR included) would follow.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
 from typing import Any
 
-from train_template import seam
 from train_template.errors import UserError
 from train_template.launch import requested_world_size
-from train_template.plan import TrainingPlan, format_plan
-from train_template.planning import PlannedTrainer, check_resume, is_elastic, plan_run
-from train_template.report import draw_lr
-from train_template.schedule import LRSchedule, is_planned_scheduler
+from train_template.layouts import plan_for
+from train_template.options import LRSchedule
+from train_template.plan import TrainingPlan
+from train_template.planned_trainer import PlannedTrainer
+from train_template.report import draw_lr, format_plan
+from train_template.resume import Resume
+from train_template.schedule import is_planned_scheduler
+from train_template.seam.loop import configured_schedulers, release_step_limit
 
 
-def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None:
+def print_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None:
+    """``train.py plan``: the plan table (or ``--json``), a resume's position, the LR curve."""
     trainer = config.trainer
     num_nodes = int(trainer.num_nodes)
     world_size = requested_world_size(trainer.devices, num_nodes)
@@ -39,14 +43,11 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
     max_epochs = trainer.max_epochs
     if max_epochs is None:  # Lightning's own default
         max_epochs = 1000 if trainer.max_steps == -1 else -1
-    options, accumulate, resumed = config_init.plan, trainer.accumulate_grad_batches, None
-    if config.ckpt_path:  # the plan a resume of this checkpoint would use
-        resumed = resumed_from(config.ckpt_path, config.checkpoint.dirpath)
-        saved = resumed["plan"]
-        if is_elastic(saved):  # the checkpoint's global batch wins on any layout
-            options = dataclasses.replace(options, global_batch_size=saved["global_batch_size"])
-            accumulate = 1
-    plan = plan_run(
+    options, accumulate = config_init.plan, trainer.accumulate_grad_batches
+    resume = resumed_from(config.ckpt_path, config.checkpoint.dirpath) if config.ckpt_path else None
+    if resume is not None:  # the plan a resume of this checkpoint would use
+        options, accumulate = resume.plan_inputs(options, accumulate)
+    plan = plan_for(
         datamodule if datamodule is not None else model,
         world_size=world_size,
         num_nodes=num_nodes,
@@ -58,13 +59,12 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
         schedule=config_init.lr_schedule,
         distributed_sampler=trainer.use_distributed_sampler,
     )
-    if resumed is not None:
-        check_resume(resumed["plan"], plan)  # the same one-line refusal a fit would give
-        step = resumed["global_step"]
-        where = ""
+    if resume is not None:
+        resume.check(plan)  # the same one-line refusal a fit would give
+        step, where = resume.global_step, ""
         if plan.steps_per_epoch:
             where = f" (epoch {step // plan.steps_per_epoch}, step {step % plan.steps_per_epoch})"
-        print(f"resuming {resumed['path']} at global step {step}{where}")
+        print(f"resuming {resume.path} at global step {step}{where}")
     if config.json:
         print(plan.to_json())
     optimizers, schedulers = configured(plan, config_init.lr_schedule, model)
@@ -75,18 +75,17 @@ def run_plan(config: Any, datamodule: Any, model: Any, config_init: Any) -> None
         save_lr_curve(plan, optimizers, schedulers, config.lr_curve)
 
 
-def resumed_from(ckpt_path: str, checkpoint_dir: str) -> dict:
-    """The saved plan and global step of ``--ckpt_path`` (``last``/``auto``/a file)."""
-    from train_template.checkpointing import read_checkpoint, resolve_ckpt_path
+def resumed_from(ckpt_path: str, checkpoint_dir: str) -> Resume:
+    """What ``--ckpt_path`` (``last``/``auto``/a file) brings: the same read as a fit's."""
+    from train_template.checkpoint_files import resolve_ckpt_path
 
     path = resolve_ckpt_path(ckpt_path, checkpoint_dir, announce=lambda *_: None)
     if path is None:
         raise UserError(f"--ckpt_path {ckpt_path}: there is no checkpoint in {checkpoint_dir}")
-    checkpoint = read_checkpoint(path)
-    saved = checkpoint.get("callbacks", {}).get("RunMachinery", {}).get("plan")
-    if saved is None:
+    resume = Resume.read(path)
+    if resume is None or resume.plan is None:
         raise UserError(f"--ckpt_path {path}: the checkpoint holds no training plan")
-    return {"path": path, "plan": saved, "global_step": int(checkpoint["global_step"])}
+    return resume
 
 
 def configured(plan: TrainingPlan, schedule: LRSchedule, model: Any) -> tuple[list, list]:
@@ -109,9 +108,9 @@ def configured(plan: TrainingPlan, schedule: LRSchedule, model: Any) -> tuple[li
         rank_zero.setLevel(level)
     trainer.training_plan = plan
     trainer.lr_schedule = schedule
-    seam.release_step_limit(trainer, plan.epochs)
+    release_step_limit(trainer, plan.epochs)
     try:
-        return seam.configured_schedulers(model, trainer)
+        return configured_schedulers(model, trainer)
     except AttributeError as error:
         raise UserError(
             f"--lr_curve: configure_optimizers reads a trainer setting the dry run does not "

@@ -1,10 +1,10 @@
-"""The global sample order in a fit: every map-style train loader trains in it.
+"""The global sample order in a fit (``order.py``): every map-style train loader trains in it.
 
 Lightning splits a map-style train loader over ranks with its ``DistributedSampler``,
 whose split depends on the world size and which restarts its epoch after a mid-epoch
 resume (Lightning has no position to give it back). ``PlannedTrainer`` puts a
 :class:`~train_template.order.GlobalOrderSampler` where Lightning would put that
-sampler (``seam.replace_train_sampler``), on one process too, so that any such loader,
+sampler (``seam.loop.replace_train_sampler``), on one process too, so that any such loader,
 the template's ``StreamingDataModule`` or a user's plain ``DataLoader(dataset,
 batch_size, shuffle=True)``, trains every optimizer step on the same samples on every
 layout, and resumes mid-epoch exactly, from the trainer's restored global step.
@@ -14,7 +14,7 @@ own ``BatchSampler`` over a ``RandomSampler`` (``shuffle=True``) or a
 ``SequentialSampler`` (``shuffle=False``), i.e. what ``DataLoader(dataset, batch_size,
 shuffle, drop_last)`` builds. A loader with a sampler of its own (weighted, bucketed)
 decides its own order: it keeps Lightning's ``DistributedSampler`` and the same-layout
-resume rules (``plan.RESUME_KEYS``), and so does a run with ``use_distributed_sampler``
+resume rules (``resume.RESUME_KEYS``), and so does a run with ``use_distributed_sampler``
 off. The order's seed is the loader's generator seed (``DataLoader(generator=...)``),
 else the run's ``seed_everything`` seed, as Lightning's ``DistributedSampler`` takes it.
 """
@@ -27,9 +27,10 @@ from typing import Any
 
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from train_template import seam
+from train_template.layout import TrainLayout
 from train_template.order import GlobalOrder, GlobalOrderSampler, global_order_layout
-from train_template.plan import TrainLayout
+from train_template.resume import in_global_order, order_position
+from train_template.seam.loop import epochs_started, loader_with_sampler
 
 
 @dataclass(frozen=True)
@@ -96,22 +97,18 @@ def ordered_train_loader(loader: Any, trainer: Any) -> DataLoader | None:
     with the plan's accumulation on the trainer), on every rank."""
     settings = loader_order(loader)
     plan = getattr(trainer, "training_plan", None)
-    if settings is None or plan is None or not plan.data_order.get("elastic"):
+    if settings is None or plan is None or not in_global_order(plan):
         return None
     order = settings.global_order(trainer.world_size, trainer.accumulate_grad_batches)
-    # Where the run stands: the plan's steps per epoch (limit_train_batches included),
-    # counted from the restored global step; an end-of-epoch checkpoint whose epoch
-    # counter has not moved on yet starts the next epoch.
-    epoch = seam.epochs_started(trainer)
-    start = trainer.global_step - epoch * plan.steps_per_epoch
-    if start >= plan.steps_per_epoch:
-        epoch, start = epoch + start // plan.steps_per_epoch, start % plan.steps_per_epoch
+    epoch, start_step = order_position(
+        trainer.global_step, epochs_started(trainer), plan.steps_per_epoch
+    )
     sampler = GlobalOrderSampler(
         order,
         trainer.world_size,
         trainer.global_rank,
         settings.batch_size,
         epoch=epoch,
-        start_step=max(0, start),
+        start_step=start_step,
     )
-    return seam.loader_with_sampler(loader, sampler)
+    return loader_with_sampler(loader, sampler)

@@ -17,6 +17,7 @@ from conftest import (
     CPU_DDP,
     PYTHON,
     assert_same_weights,
+    free_port,
     kill_after_checkpoint,
     load_plan,
     run,
@@ -148,7 +149,7 @@ def test_preparation_is_skipped_when_up_to_date(token_data):
 
 
 def lm_fit(run_dir: Path, data: Path, *extra: str, config: str = "lm") -> list[str]:
-    return train_cmd("fit", run_dir, data, *TINY, *extra, config=config)
+    return train_cmd("fit", run_dir, data, *TINY, *extra, config=config, model_and_data=())
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -220,7 +221,6 @@ def test_lm_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, token_d
 @pytest.mark.ddp
 @pytest.mark.slow  # torchrun runs by default in tests/test_hosts.py; lm.yaml in the tests above
 def test_torchrun_two_processes_run_lm_yaml_and_predict_writes_text(tmp_path, token_data):
-    from test_launch import free_port
 
     _, data, _ = token_data
     run_dir = tmp_path / "run"
@@ -265,6 +265,7 @@ def test_torchrun_two_processes_run_lm_yaml_and_predict_writes_text(tmp_path, to
             "--model.init_args.new_tokens",
             "20",
             config="lm",
+            model_and_data=(),
         )
     )
     text = sorted((run_dir / "logs").glob("version_*/predictions.txt"))[-1].read_text()

@@ -1,0 +1,148 @@
+"""Lightning's fit loop: its length, its position, its logging steps, its train sampler.
+
+Pinned: lightning 2.6.6. Each function says which private name it reads and why no
+public API serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+
+def set_collective_timeout(strategy: Any, seconds: float) -> bool:
+    """The process group's timeout on an instantiated strategy; False when it has none.
+
+    DDP, FSDP, ModelParallel and DeepSpeed (lightning 2.6.6) take ``timeout`` only in
+    ``__init__`` and keep it as ``_timeout`` until ``setup_environment`` opens the group;
+    a strategy given by name (``strategy: ddp``) is built by the Trainer, so setting it
+    after the Trainer is made is the one place that serves every way of naming it.
+    """
+    from datetime import timedelta
+
+    if not hasattr(strategy, "_timeout"):
+        return False  # one process: no group, nothing to wait for
+    strategy._timeout = timedelta(seconds=seconds)
+    return True
+
+
+def limited_batches(length: int | float, limit: int | float | None) -> int | float:
+    """Batches per epoch after ``limit_train_batches``, by Lightning's own rule.
+
+    ``_parse_num_batches`` (trainer/connectors/data_connector.py) is the function the fit
+    loop applies; its rounding and its errors for fractions that leave no batch are what
+    a plan must match, and it has no public equivalent.
+    """
+    from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
+    from lightning.pytorch.trainer.states import RunningStage
+
+    return _parse_num_batches(RunningStage.TRAINING, length, 1.0 if limit is None else limit)
+
+
+def release_step_limit(trainer: pl.Trainer, max_epochs: int) -> None:
+    """At setup: the plan's epochs as Lightning's epoch limit, and no step limit yet.
+
+    While ``epoch_loop.max_steps != -1`` during the checkpoint restore, Lightning
+    restores its loops as "iteration-based" and counts an end-of-epoch checkpoint's epoch
+    twice (the resumed run stops an epoch early). The Trainer reads ``max_epochs`` and
+    ``max_steps`` only in ``__init__``; the loops' attributes are the only handle after it.
+    """
+    trainer.fit_loop.max_epochs = max_epochs
+    trainer.fit_loop.epoch_loop.max_steps = -1
+
+
+def set_step_limit(trainer: pl.Trainer, max_steps: int) -> None:
+    """At train start (checkpoint restored): stop exactly at the plan's last step."""
+    trainer.fit_loop.epoch_loop.max_steps = max_steps
+
+
+def batch_index(trainer: pl.Trainer) -> int:
+    """The index of the current batch in its epoch (``epoch_loop.batch_idx``): the
+    optimizer hooks are not handed it."""
+    return trainer.fit_loop.epoch_loop.batch_idx
+
+
+def epochs_started(trainer: pl.Trainer) -> int:
+    """Epochs whose training began (``fit_loop.epoch_progress.current.processed``), the
+    count a rebuilt loader's epoch must start at; ``current_epoch`` lags it at epoch end."""
+    return trainer.fit_loop.epoch_progress.current.processed
+
+
+def is_logging_step(trainer: pl.Trainer) -> bool:
+    """True on the training batches whose ``self.log`` values Lightning writes (every
+    ``log_every_n_steps``, and the last one); it drops the values of the others.
+
+    A public function for any module: logging only here saves about 0.3 ms per
+    ``self.log`` call on the other steps. Lightning's own LearningRateMonitor makes this
+    same check through ``trainer._logger_connector.should_update_logs`` (no public name).
+    """
+    return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+
+
+def replace_train_sampler(trainer: pl.Trainer, replace: Any) -> None:
+    """Let ``replace(loader)`` prepare the train loader where Lightning would inject its
+    ``DistributedSampler`` (``None`` from it: Lightning's own preparation).
+
+    ``_DataConnector._prepare_dataloader`` is the one place Lightning gives a train loader
+    its sampler, after the checkpoint is restored and before the loader is iterated; a
+    data module cannot do it there itself (its loader is built before Lightning knows the
+    run's position), and no hook is offered.
+    """
+    from lightning.pytorch.trainer.states import RunningStage
+
+    connector = trainer._data_connector
+    prepare = connector._prepare_dataloader
+
+    def prepare_with_ours(dataloader: object, shuffle: bool, mode: RunningStage) -> object:
+        if mode == RunningStage.TRAINING and (replaced := replace(dataloader)) is not None:
+            return replaced
+        return prepare(dataloader, shuffle, mode)
+
+    connector._prepare_dataloader = prepare_with_ours
+
+
+def loader_with_sampler(loader: Any, sampler: Any) -> Any:
+    """``loader`` rebuilt around ``sampler`` by Lightning's own ``_update_dataloader`` (the
+    function that injects its ``DistributedSampler``: it keeps the loader's class and
+    arguments), marked resumable: the sampler's position comes from the trainer, so there
+    is no loader state to save, and Lightning would otherwise warn at a mid-epoch resume
+    that the loader "is not resumable" (``_Stateful``)."""
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    rebuilt = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+    if not (hasattr(rebuilt, "state_dict") and hasattr(rebuilt, "load_state_dict")):
+        rebuilt.__class__ = _resumable(type(rebuilt))
+    return rebuilt
+
+
+_RESUMABLE: dict[type, type] = {}
+
+
+def _resumable(cls: type) -> type:
+    if cls not in _RESUMABLE:
+        _RESUMABLE[cls] = type(
+            cls.__name__,
+            (cls,),
+            {"state_dict": lambda self: {}, "load_state_dict": lambda self, state: None},
+        )
+    return _RESUMABLE[cls]
+
+
+def configured_schedulers(model: pl.LightningModule, trainer: pl.Trainer) -> tuple[list, list]:
+    """(optimizers, scheduler configs) of ``model.configure_optimizers()`` as Lightning
+    parses them (every return form it accepts, intervals and frequencies), with ``trainer``
+    attached for the call. ``_configure_optimizers`` and ``_configure_schedulers_automatic_opt``
+    (core/optimizer.py) are the parsers a fit uses; no public function exposes them."""
+    from lightning.pytorch.core.optimizer import (
+        _configure_optimizers,
+        _configure_schedulers_automatic_opt,
+    )
+
+    model.trainer = trainer
+    try:
+        optimizers, schedulers, monitor = _configure_optimizers(model.configure_optimizers())
+        return optimizers, _configure_schedulers_automatic_opt(schedulers, monitor)
+    finally:
+        model.trainer = None
