@@ -32,6 +32,20 @@ PYTHON = sys.executable
 MODEL_AND_DATA = ["--model", "plain_lightning.DocsStyleModule", "--data", "shard_data.ShardData"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def machinery_defaults_only(request):
+    """The machinery's tests see what a fork without the examples sees: no
+    ``configs/default.yaml`` (the example's model, data and checkpoint monitor), in this
+    checkout too. The examples' tests (``tests/examples``) train what it selects. Module
+    scope: set before any module fixture starts a run."""
+    if TESTS / "examples" in request.path.parents:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRAIN_TEMPLATE_DEFAULT_CONFIG", "")
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def test_modules_importable():
     """Every process a test starts (train.py, torchrun, srun) imports the tests' own
@@ -94,6 +108,24 @@ def write_shards(
         write_in_process(samples, root / split, chunk_bytes=chunk_bytes)
         start += count
     return root
+
+
+def prepare_shards(
+    out: str, num_train: int, num_val: int = 16, num_test: int = 16, force: bool = False
+) -> bool:
+    """What a user's preparation script does with ``train_template.shards``: skip data that
+    is up to date (fingerprint), else write every split into staging and swap them in (a
+    local folder, or uploaded to an ``s3://`` URL, ``dataset.json`` last; ``force``: rebuild).
+    True when written."""
+    from train_template.shards import exclusive, is_up_to_date, staged_splits
+
+    fingerprint = f"write_shards-{num_train}-{num_val}-{num_test}"
+    with exclusive(out):
+        if not force and is_up_to_date(out, fingerprint):
+            return False
+        with staged_splits(out, {"fingerprint": fingerprint}) as staging:
+            write_shards(staging, num_train, num_val, num_test)
+    return True
 
 
 def train_cmd(

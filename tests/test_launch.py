@@ -106,7 +106,7 @@ def test_sbatch_script_is_valid_shell():
 
 
 # litdata's own split (--data.global_order false), not the default: test_even_batches covers
-# its padding in-process by default; the global order's 2-rank runs are test_elastic's.
+# its padding in-process by default; the global order's 2-rank runs are test_layout_change's.
 @pytest.mark.slow
 @pytest.mark.parametrize("drop_last", ["true", "false"])
 def test_lightning_launcher_uneven_samples_plan_matches_execution(tmp_path, shards, drop_last):
@@ -118,7 +118,7 @@ def test_lightning_launcher_uneven_samples_plan_matches_execution(tmp_path, shar
     run_dir = tmp_path / "run"
     args = fit_args(
         run_dir, shards, "--trainer.devices", "2", "--data.drop_last", drop_last,
-        "--data.global_order", "false",  # litdata's own split, padded (the global order: test_elastic)
+        "--data.global_order", "false",  # litdata's own split, padded (the global order: test_layout_change)
     )  # fmt: skip
     run([sys.executable, str(REPO / "train.py"), *args], timeout=400)
     plans = [

@@ -69,7 +69,7 @@ def steps_of(*audits: Path) -> dict[tuple[int, int], tuple[list[int], float]]:
 )
 def reference(request, tmp_path_factory):
     """The uninterrupted run, on one process (the order is the same on every layout)."""
-    root = tmp_path_factory.mktemp("elastic")
+    root = tmp_path_factory.mktemp("layout-change")
     data = write_shards(root / "data", 203)
     source = [] if request.param == "litdata" else MAP_STYLE
     reference = audited(

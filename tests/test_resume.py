@@ -32,7 +32,7 @@ def shards(tmp_path_factory) -> Path:
     return write_shards(tmp_path_factory.mktemp("resume-shards"), 403)
 
 
-def fit_args(run_dir: Path, data: Path, *extra: str, config: str = "default") -> list[str]:
+def fit_args(run_dir: Path, data: Path, *extra: str, config: str | None = None) -> list[str]:
     return train_cmd(
         "fit",
         run_dir,
@@ -91,7 +91,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
     tmp_path, shards, world_size, num_workers
 ):
     extra = ["--data.num_workers", str(num_workers), "--checkpoint.every_n_train_steps", "7"]
-    config = "default"
+    config = None
     if world_size == 2:
         config = "ddp"
         extra += ["--trainer.accelerator", "cpu", "--trainer.devices", "2"]

@@ -34,7 +34,7 @@ def shards(tmp_path_factory) -> Path:
     return write_shards(tmp_path_factory.mktemp("user-module-shards"), 403, num_val=64)
 
 
-def fit(run_dir: Path, data: Path, *extra: str, config: str = "default", check: bool = True):
+def fit(run_dir: Path, data: Path, *extra: str, config: str | None = None, check: bool = True):
     return run(
         train_cmd("fit", run_dir, data, *USER_MODULE, *extra, config=config), env=ENV, check=check
     )
@@ -124,7 +124,7 @@ def test_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, shards, wo
         "--checkpoint.every_n_train_steps",
         "5",
     ]
-    config = "default"
+    config = None
     if world_size == 2:
         config = "ddp"
         extra += CPU_DDP

@@ -27,9 +27,10 @@ from common import REPO, machine
 
 from examples.lm.data import TokenDataModule  # noqa: E402
 from examples.lm.network import TinyTransformer  # noqa: E402
+from train_template.options import LRSchedule  # noqa: E402
 from train_template.order import GlobalOrderSampler  # noqa: E402
 from train_template.order_loader import loader_order  # noqa: E402
-from train_template.schedule import LRSchedule, PlannedLRLambda  # noqa: E402
+from train_template.schedule import PlannedLRLambda  # noqa: E402
 from train_template.seam.loop import loader_with_sampler  # noqa: E402
 
 

@@ -34,8 +34,9 @@ from examples.digits.module import ClassifierModule  # noqa: E402
 from examples.digits.network import MLP, SmallCNN  # noqa: E402
 from examples.digits.prepare import prepare  # noqa: E402
 from train_template.checkpointing import RunCheckpoint  # noqa: E402
+from train_template.options import LRSchedule  # noqa: E402
 from train_template.planned_trainer import PlannedTrainer  # noqa: E402
-from train_template.schedule import LRSchedule, PlannedLRLambda  # noqa: E402
+from train_template.schedule import PlannedLRLambda  # noqa: E402
 from train_template.steps import template_callbacks  # noqa: E402
 
 SIZES = {

@@ -10,6 +10,7 @@ process killed mid-write never leaves a partial file under a checkpoint's name
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import zipfile
 from typing import Any
@@ -23,6 +24,9 @@ from train_template.seam.checkpoint import checkpoint_progress_of
 # The state key of the checkpoint callback (checkpointing.RunCheckpoint), under which
 # Lightning keeps its best_model_path.
 CHECKPOINT_CALLBACK = "RunCheckpoint"
+# Lightning's file of a distributed checkpoint folder that holds all but the shards
+# (lightning.fabric.utilities.load._METADATA_FILENAME, lightning 2.6.6).
+DISTRIBUTED_METADATA = "meta.pt"
 
 
 def resolve_ckpt_path(
@@ -112,9 +116,16 @@ def set_aside(path: str) -> str:
 
 def read_checkpoint(path: str) -> dict[str, Any]:
     """A checkpoint's contents for reading (raises on a damaged file). Local tensors are
-    memory-mapped, not read; a checkpoint in object storage is read once, into memory."""
+    memory-mapped, not read; a checkpoint in object storage is read once, into memory.
+
+    A distributed checkpoint (a folder: per-rank ``torch.distributed.checkpoint`` shards
+    of weights and optimizer state, and rank 0's ``meta.pt`` with everything else, as
+    Lightning's ``ModelParallelStrategy`` writes it) is read through its ``meta.pt``: the
+    loop progress and the template's state are there, and no rank's shards are read."""
     import torch
 
+    if not storage.is_url(path) and os.path.isdir(path):
+        path = os.path.join(path, DISTRIBUTED_METADATA)
     if storage.is_url(path):
         source: Any = io.BytesIO(storage.read_bytes(path))
         options = {}

@@ -4,7 +4,9 @@
 LightningDataModule; the machinery names none. Every subcommand starts from
 ``configs/base.yaml`` (the machinery's defaults: seed, length, logging, throughput, LR
 curve), then ``configs/default.yaml`` when it exists (the model and data a plain
-``python train.py fit`` trains: the embedded example, or yours), then each ``--config``.
+``python train.py fit`` trains: the embedded example, or yours; the environment variable
+``TRAIN_TEMPLATE_DEFAULT_CONFIG`` names another file, or none when set empty), then each
+``--config``.
 Options beyond the Trainer's, model's and DataModule's own (``options.py``):
 
 - ``--checkpoint.*``: the ModelCheckpoint used for training (``checkpointing.py``).
@@ -22,6 +24,7 @@ Options beyond the Trainer's, model's and DataModule's own (``options.py``):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +44,19 @@ from train_template.seam.loop import set_collective_timeout
 from train_template.steps import template_callbacks
 
 # Loaded before every --config, in this order, for every subcommand: the machinery's
-# base, then the project's default model and data (a fork may delete or replace it).
+# base, then the project's default model and data (a fork may delete or replace it;
+# TRAIN_TEMPLATE_DEFAULT_CONFIG names another file, or none when empty).
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-BASE_CONFIGS = (CONFIGS / "base.yaml", CONFIGS / "default.yaml")
+BASE_CONFIG = CONFIGS / "base.yaml"
+DEFAULT_CONFIG_VARIABLE = "TRAIN_TEMPLATE_DEFAULT_CONFIG"
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "plan")
+
+
+def default_config_files() -> list[str]:
+    """``configs/base.yaml``, then the project's default config where there is one."""
+    default = os.environ.get(DEFAULT_CONFIG_VARIABLE, str(CONFIGS / "default.yaml"))
+    paths = [BASE_CONFIG, *([Path(default)] if default else [])]
+    return [str(path) for path in paths if path.is_file()]
 
 
 class TemplateCLI(CLISeam):
@@ -154,7 +166,7 @@ class TemplateCLI(CLISeam):
 def main(args: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns user errors into one line and exit status 2."""
     silence_known_messages()
-    defaults = [str(path) for path in BASE_CONFIGS if path.is_file()]
+    defaults = default_config_files()
     parser_kwargs: dict[str, Any] = {"exit_on_error": False}
     for subcommand in SUBCOMMANDS:
         parser_kwargs[subcommand] = {"default_config_files": defaults}

@@ -1,6 +1,6 @@
 """Writing litdata shards safely: one writer at a time, idempotent, swapped in whole.
 
-Every data preparation (the examples' ``prepare.py``, yours) needs the same four things:
+Every data preparation script needs the same four things:
 
 - :func:`exclusive`: several nodes or runs that start together on a shared filesystem
   wait for one preparation instead of writing over each other;

@@ -17,8 +17,8 @@ Validation, test and predict read litdata's stream.
 
 Shuffling is only as good as the chunks: litdata permutes the chunks, then the samples
 inside each chunk, so a loader draws one chunk's samples before the next. Write data
-that is not already in random order as many small chunks of mixed content (the LM
-example: 4 KB pieces of files in shuffled order, 32k-token chunks); one chunk per
+that is not already in random order as many small chunks of mixed content
+(e.g. 4 KB pieces of text files in shuffled order, 32k-token chunks); one chunk per
 topic trains on one topic at a time.
 """
 

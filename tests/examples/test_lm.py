@@ -16,6 +16,7 @@ import torch
 from conftest import (
     CPU_DDP,
     PYTHON,
+    REPO,
     assert_same_weights,
     free_port,
     kill_after_checkpoint,
@@ -270,3 +271,33 @@ def test_torchrun_two_processes_run_lm_yaml_and_predict_writes_text(tmp_path, to
     )
     text = sorted((run_dir / "logs").glob("version_*/predictions.txt"))[-1].read_text()
     assert text.startswith("def fibonacci(n):\n") and text.count("-" * 72) == 3
+
+
+@pytest.mark.s3
+def test_preparation_into_object_storage_is_idempotent(tmp_path):
+    """``scripts/prepare_lm_data.py --out s3://...`` (and the digits' ``prepare_data.py``):
+    every split and ``dataset.json`` in the store; a second run skips as on a disk."""
+    import json as json_module  # the standard library's json package is the source
+
+    from cluster import object_store
+
+    (tmp_path / "s3").mkdir()
+    with object_store(tmp_path / "s3", [free_port() for _ in range(10)]) as store:
+        lm = f"s3://{store.bucket('template-data')}/lm"
+        prepare_lm = [
+            PYTHON, str(REPO / "scripts" / "prepare_lm_data.py"), "--out", lm,
+            "--root", str(Path(json_module.__file__).parent), "--num-workers", "0",
+            "--val-percent", "20", "--test-percent", "20",
+        ]  # fmt: skip
+        run(prepare_lm, env=store.env)
+        assert "up to date" in run(prepare_lm, env=store.env).stdout
+        digits = f"s3://{store.bucket('template-data')}/digits"
+        prepare = [PYTHON, str(REPO / "scripts" / "prepare_data.py"), "--out", digits,
+                   "--num-workers", "0"]  # fmt: skip
+        run(prepare, env=store.env)
+        assert "up to date" in run(prepare, env=store.env).stdout
+        listed = store.client().list_objects_v2(Bucket="template-data")["Contents"]
+        keys = {entry["Key"] for entry in listed}
+        for name in ("lm", "digits"):
+            assert f"{name}/dataset.json" in keys
+            assert {f"{name}/{split}/index.json" for split in ("train", "val", "test")} <= keys
