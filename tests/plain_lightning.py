@@ -111,3 +111,17 @@ class StreamDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(DigitsDicts(1600, 1797), batch_size=64)
+
+
+class TokenModule(DocsStyleModule):
+    """A docs-style module with an option that carries a secret (say, an experiment
+    tracker's token), saved with its other hyperparameters as Lightning's docs show."""
+
+    def __init__(
+        self, api_token: str = "", lr: float = 0.05, hidden: int = 64, dropout: float = 0.3
+    ) -> None:
+        super().__init__(lr=lr, hidden=hidden, dropout=dropout)
+        self.save_hyperparameters()
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", F.cross_entropy(self.net(batch["image"]), batch["label"]))

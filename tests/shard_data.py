@@ -24,3 +24,20 @@ class ShardData(StreamingDataModule):
             / 255.0,
             "label": torch.tensor([sample["label"] for sample in samples]),
         }
+
+
+class HparamsShardData(ShardData):
+    """``ShardData`` that keeps its arguments as hyperparameters, as many data modules do
+    (Lightning then writes them into checkpoints and the loggers' hparams)."""
+
+    def __init__(
+        self,
+        data_dir: str,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        storage_options: dict | None = None,
+    ) -> None:
+        super().__init__(
+            data_dir, batch_size=batch_size, shuffle=shuffle, storage_options=storage_options
+        )
+        self.save_hyperparameters()

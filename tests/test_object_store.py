@@ -122,12 +122,13 @@ def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path
     fresh = run(train_cmd("fit", runs, url, *SHORT), env=store.env, check=False)
     assert fresh.returncode == 2 and "already holds checkpoints" in fresh.stderr
 
-    # A damaged last.ckpt beside a complete copy of it: auto resumes from the copy.
+    # A damaged last.ckpt beside a complete copy of it: auto resumes from a complete one
+    # of the newest step (the copy, or the top-k file of that step).
     last = fs.cat_file(f"{root}/checkpoints/last.ckpt")
     fs.pipe_file(f"{root}/checkpoints/copy.ckpt", last)
     fs.pipe_file(f"{root}/checkpoints/last.ckpt", last[: len(last) // 2])
     resumed = run(train_cmd("fit", runs, url, *SHORT, "--ckpt_path", "auto"), env=store.env)
-    assert "resuming from copy.ckpt" in resumed.stdout + resumed.stderr
+    assert "last.ckpt is damaged (kept as last.ckpt.damaged)" in resumed.stdout + resumed.stderr
     assert fs.cat_file(f"{root}/checkpoints/last.ckpt.damaged") == last[: len(last) // 2]
 
     expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)

@@ -119,14 +119,14 @@ class SampleIdRecorder(Callback):
     written is what the finished run trained on.
     """
 
-    def __init__(self, out_dir: str, ids_key: str = "index") -> None:
+    def __init__(self, out_dir: str, ids_field: str = "index") -> None:
         """
         Args:
             out_dir: Directory for ``samples-rank<R>.jsonl`` files.
-            ids_key: The field of a (dict) batch that holds each sample's id.
+            ids_field: The field of a (dict) batch that holds each sample's id.
         """
         self.out_dir = out_dir
-        self.ids_key = ids_key
+        self.ids_field = ids_field
         self._lr: float | None = None
         self._plan_written = False
 
@@ -164,7 +164,7 @@ class SampleIdRecorder(Callback):
             "step": self._step,
             "world_size": trainer.world_size,
             "lr": self._lr,
-            "ids": batch[self.ids_key].tolist(),
+            "ids": batch[self.ids_field].tolist(),
         }
         path = Path(self.out_dir) / f"samples-rank{trainer.global_rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,13 +25,14 @@ Options beyond the Trainer's, model's and DataModule's own (``options.py``):
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser
 
-from train_template import cli_errors, launch, storage
+from train_template import cli_errors, launch, redact, storage
 from train_template.checkpoint_files import resolve_ckpt_path
 from train_template.checkpointing import CHECKPOINT_DEFAULTS, RunCheckpoint
 from train_template.errors import UserError
@@ -70,6 +71,7 @@ class TemplateCLI(CLISeam):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", PlannedTrainer)
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
+        kwargs.setdefault("save_config_callback", redact.config_save_callback())
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -102,6 +104,8 @@ class TemplateCLI(CLISeam):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        # Secrets from config files too (the command line's were found before parsing).
+        redact.hide_in_output(redact.secret_values(config.as_dict()))
         trainer = config.trainer
         root = trainer.default_root_dir or "runs/default"
         trainer.default_root_dir = root
@@ -166,6 +170,7 @@ class TemplateCLI(CLISeam):
 def main(args: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns user errors into one line and exit status 2."""
     silence_known_messages()
+    redact.hide_in_output(redact.secrets_in_arguments(sys.argv[1:] if args is None else args))
     defaults = default_config_files()
     parser_kwargs: dict[str, Any] = {"exit_on_error": False}
     for subcommand in SUBCOMMANDS:

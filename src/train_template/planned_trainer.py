@@ -20,7 +20,9 @@ from train_template.layouts import plan_for
 from train_template.options import LRSchedule, PlanOptions
 from train_template.order_loader import ordered_train_loader
 from train_template.plan import TrainingPlan
+from train_template.redact import redact_checkpoint
 from train_template.resume import Resume
+from train_template.seam.checkpoint import edit_every_checkpoint
 from train_template.seam.loop import replace_train_sampler
 
 
@@ -44,6 +46,8 @@ class PlannedTrainer(pl.Trainer):
         self.use_distributed_sampler = kwargs.get("use_distributed_sampler", True)
         if self.use_distributed_sampler:
             replace_train_sampler(self, lambda loader: ordered_train_loader(loader, self))
+        # Secrets in the saved hyperparameters are masked in every checkpoint (redact.py).
+        edit_every_checkpoint(self, redact_checkpoint)
 
     def fit(
         self,

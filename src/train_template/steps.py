@@ -71,7 +71,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from train_template import resume
+from train_template import redact, resume
 from train_template.guards import FiniteGuard
 from train_template.layout import accumulation_window_size
 from train_template.options import LRSchedule, PlanOptions, PreemptionOptions
@@ -137,6 +137,7 @@ class RunMachinery(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         trainer.lr_schedule = self.lr_schedule
+        redact.redact_loggers(trainer.loggers)  # before Lightning logs the hyperparameters
         if stage != "fit":
             return
         self.resume = resume.Resume.read(getattr(trainer, "resuming_from", None))

@@ -71,3 +71,23 @@ class ModelCheckpointSeam(ModelCheckpoint):
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
         if self.keeps_top_k(monitor_candidates):
             super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+
+def edit_every_checkpoint(trainer: pl.Trainer, edit: Any) -> None:
+    """Let ``edit(checkpoint)`` change every checkpoint dict Lightning builds, before any
+    strategy writes it.
+
+    ``_CheckpointConnector.dump_checkpoint`` is the one function that builds a checkpoint
+    for every save (``Trainer.save_checkpoint``, ModelCheckpoint, a preemption save), with
+    ``weights_only`` too; the callbacks' ``on_save_checkpoint`` hook is skipped for
+    weights-only saves, which still hold the hyperparameters.
+    """
+    connector = trainer._checkpoint_connector
+    dump = connector.dump_checkpoint
+
+    def dump_and_edit(weights_only: bool | None = None) -> dict:
+        checkpoint = dump(weights_only)
+        edit(checkpoint)
+        return checkpoint
+
+    connector.dump_checkpoint = dump_and_edit
