@@ -106,3 +106,14 @@ def test_loader_workers_hand_out_the_ranks_batches_in_order(workers):
         got = [batch.tolist() for batch in loader]
         assert got == list(order.rank_batches(0, world_size, rank, batch_size, start))
         assert len(loader) == order.steps_per_epoch * GLOBAL_BATCH // (world_size * batch_size)
+
+
+def test_an_epoch_smaller_than_a_global_batch_fills_its_window_by_repeating():
+    """1-3 samples, global batch 8 (found by hypothesis in test_plan_lightning): the one
+    step's window holds 8 positions, the epoch's samples repeated in order."""
+    for num_samples in (1, 3):
+        order = GlobalOrder(num_samples, 8, seed=0)
+        assert order.steps_per_epoch == 1
+        window = order.step_samples(0, 0).tolist()
+        assert len(window) == 8 and set(window) == set(range(num_samples))
+        assert window[num_samples:] == (window[:num_samples] * 8)[: 8 - num_samples]

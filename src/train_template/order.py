@@ -58,9 +58,9 @@ class GlobalOrder:
         else:
             order = np.arange(self.num_samples)
         needed = self.steps_per_epoch * self.global_batch_size
-        if needed > len(order):  # complete the last window from the epoch's start
-            order = np.concatenate([order, order[: needed - len(order)]])
-        return order[:needed]
+        # Complete the last window from the epoch's start, cyclically: an epoch smaller than
+        # the window's shortfall repeats its samples (np.resize tiles the order).
+        return np.resize(order, needed) if needed > len(order) else order[:needed]
 
     def step_samples(self, epoch: int, step: int) -> np.ndarray:
         """The samples optimizer step ``step`` (0-based, in the epoch) trains on."""
