@@ -31,7 +31,9 @@ git ls-files -z --cached --others --exclude-standard |
 grep -v '^#' examples.txt | while read -r path; do
   [ -n "$path" ] && rm -rf "${fork:?}/${path}"
 done
+status=0
 echo "== the machinery's tests, in a copy without the examples: $fork"
-(cd "$fork" && source scripts/env.sh && pytest_allowing_none "$@")
+(cd "$fork" && source scripts/env.sh && pytest_allowing_none "$@") || status=$?
 echo "== the examples' tests"
-pytest_allowing_none tests/examples "$@"
+pytest_allowing_none tests/examples "$@" || status=$?
+exit "$status"
