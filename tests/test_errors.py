@@ -390,6 +390,8 @@ def test_ckpt_best_without_a_recorded_best(tmp_path, world):
             "1",
             "--trainer.limit_val_batches",
             "0",
+            "--checkpoint.monitor",  # never logged without validation: no best recorded
+            "val_loss",
         )
     )
     result = run(train_cmd("test", run_dir, world["data"], "--ckpt_path", "best"), check=False)

@@ -13,7 +13,8 @@ from conftest import REPO
 
 # How a file names an example: its package, its configs, its data or its scripts.
 NAMES_AN_EXAMPLE = re.compile(
-    r"examples[./]|digits|configs/lm\b|\blm/|stdlib|prepare_data|prepare_lm_data|ClassifierModule"
+    r"examples\.(?!txt)|examples/|digits|configs/lm\b|\blm/|stdlib|prepare_data|prepare_lm_data"
+    r"|ClassifierModule"
 )
 
 
