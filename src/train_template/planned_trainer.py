@@ -58,7 +58,8 @@ class PlannedTrainer(pl.Trainer):
         ckpt_path: str | None = None,
         weights_only: bool | None = None,
     ) -> None:
-        """Lightning's ``fit``; the checkpoint it resumes is kept for the plan.
+        """Runs the full optimization routine (Lightning's ``fit``; the checkpoint it resumes is
+        kept for the plan).
 
         Args:
             ckpt_path: The checkpoint to resume: ``last`` or ``auto`` (the newest complete
