@@ -25,7 +25,6 @@ which is where it belongs: the standard ways keep it off command lines altogethe
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import sys
@@ -147,8 +146,9 @@ def config_save_callback() -> type:
 # -- what the process prints ----------------------------------------------------------
 
 
-class _MaskingStream(io.TextIOBase):
-    """A text stream that writes through to ``stream`` with every secret masked."""
+class _MaskingStream:
+    """A text stream that writes through to ``stream`` with every secret masked; every
+    other attribute (encoding, buffer, isatty, ...) is the stream's own."""
 
     def __init__(self, stream: Any, secrets: set[str]) -> None:
         self.stream = stream
@@ -162,12 +162,6 @@ class _MaskingStream(io.TextIOBase):
 
     def flush(self) -> None:
         self.stream.flush()
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
