@@ -16,8 +16,9 @@ class TrainLayout:
 
     Made only by :func:`train_layout`. A data module that knows it without building a
     loader (``StreamingDataModule``) returns it from ``train_layout(world_size)``; any
-    other data source is measured (``layouts.measured_layout``). ``order`` holds the data settings that fix which
-    samples come in which order (seed, shuffle, ...): a resume must keep them.
+    other data source is measured (``plan_from_data.measured_layout``). ``order`` holds
+    the data settings that fix which samples come in which order (seed, shuffle, ...): a
+    resume must keep them.
     """
 
     batch_size: int

@@ -1,7 +1,7 @@
 """The training plan: how many optimizer steps a run takes, derived from the real loader.
 
 Pure arithmetic on purpose: no Lightning, no litdata, so it can be tested exhaustively
-in microseconds. ``layouts.plan_for`` is the one caller: at ``fit`` setup and in the
+in microseconds. ``plan_from_data.plan_for`` is the one caller: at ``fit`` setup and in the
 ``plan`` command it hands this module what every rank's train loader yields (a
 ``layout.TrainLayout``, measured on the real data) and the trainer's numbers.
 

@@ -1,6 +1,6 @@
 """The ``plan`` command: the training plan for any world size, without training.
 
-It calls the same ``layouts.plan_for`` a fit calls at setup, with the config's numbers
+It calls the same ``plan_from_data.plan_for`` a fit calls at setup, with the config's numbers
 instead of a Trainer's: a data module with ``train_layout(world_size)`` (as
 ``StreamingDataModule``, with litdata's own length rule) is asked, any other is measured
 as Lightning's ``DistributedSampler`` would split it. ``--ckpt_path`` prints the plan a resume of that checkpoint would use at the given world
@@ -19,9 +19,9 @@ from typing import Any
 
 from train_template.errors import UserError
 from train_template.launch import requested_world_size
-from train_template.layouts import plan_for
 from train_template.options import LRSchedule
 from train_template.plan import TrainingPlan
+from train_template.plan_from_data import plan_for
 from train_template.planned_trainer import PlannedTrainer
 from train_template.report import draw_lr, format_plan
 from train_template.resume import Resume

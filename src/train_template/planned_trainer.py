@@ -4,8 +4,8 @@ The plan must exist before ``configure_optimizers`` (a module sizes its schedule
 ``trainer.estimated_stepping_batches``, as Lightning's docs show), and the loader Lightning
 trains on must not be built that early: one built before the checkpoint is restored never
 gets its saved position back (Lightning #20550). So the plan is made at ``setup`` from a
-throwaway loader or the data's own layout (``layouts.plan_for``), and at train start it is
-checked against the real loader on every rank (:func:`check_loader`).
+throwaway loader or the data's own layout (``plan_from_data.plan_for``), and at train
+start it is checked against the real loader on every rank (:func:`check_loader`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import lightning.pytorch as pl
 import torch
 
 from train_template.errors import UserError
-from train_template.layouts import plan_for
 from train_template.options import LRSchedule, PlanOptions
 from train_template.order_loader import ordered_train_loader
 from train_template.plan import TrainingPlan
+from train_template.plan_from_data import plan_for
 from train_template.redact import redact_checkpoint
 from train_template.resume import Resume
 from train_template.seam.checkpoint import edit_every_checkpoint
@@ -83,7 +83,7 @@ def plan_for_trainer(
     options: PlanOptions,
     resume: Resume | None = None,
 ) -> TrainingPlan:
-    """``layouts.plan_for`` with a fit's Trainer numbers (and what a resumed checkpoint
+    """``plan_from_data.plan_for`` with a fit's Trainer numbers (and what a resumed checkpoint
     fixes); the Trainer then accumulates as the plan says."""
     stated = options
     accumulate = trainer.accumulate_grad_batches
