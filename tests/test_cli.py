@@ -129,3 +129,11 @@ def test_a_user_error_is_one_line_and_exit_status_2_in_a_real_process(tmp_path, 
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: --ckpt_path last: there is no")
+
+
+def test_no_model_and_no_data_is_one_line_that_says_how_to_select_them(tmp_path, cli_in_process):
+    """A fork that deleted configs/default.yaml and passed neither --model nor --data."""
+    status, _, stderr = cli_in_process(["fit", "--trainer.default_root_dir", str(tmp_path)])
+    assert status == 2
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "--model CLASS_PATH and --data CLASS_PATH" in line

@@ -47,6 +47,11 @@ def report(error: BaseException) -> None:
 
 def with_renamed_hint(line: str) -> str:
     """Options renamed in this version: an old name is refused with its new name."""
+    if "arguments are required" in line and re.search(r"\b(model|data)\b", line):
+        return (
+            f"{line}: select your LightningModule and LightningDataModule with --model "
+            "CLASS_PATH and --data CLASS_PATH, or name them in configs/default.yaml"
+        )
     if "unrecognized" not in line and "elastic" not in line:
         return line
     if "--plan.warmup" in line or ("lr_schedule" in line and "model" in line):
