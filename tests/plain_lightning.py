@@ -125,3 +125,17 @@ class TokenModule(DocsStyleModule):
 
     def test_step(self, batch, batch_idx):
         self.log("test_loss", F.cross_entropy(self.net(batch["image"]), batch["label"]))
+
+
+class ShardedDocsModule(DocsStyleModule):
+    """``DocsStyleModule`` whose layers FSDP2 shards in ``configure_model``, as Lightning's
+    ``ModelParallelStrategy`` docs show (one shard of every layer per rank)."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
