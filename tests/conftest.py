@@ -215,13 +215,31 @@ def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bo
 
 def recorder_config(run_dir: Path) -> Path:
     """A config overlay that adds the sample-id audit callback."""
-    path = run_dir.parent / f"{run_dir.name}-audit.yaml"
+    return audit_overlay(run_dir.parent / f"{run_dir.name}-audit.yaml", run_dir / "samples")
+
+
+def audit_overlay(path: Path, out_dir: Path) -> Path:
+    """A config overlay at ``path`` whose SampleIdRecorder writes into ``out_dir``."""
     path.write_text(
         "trainer:\n  callbacks:\n"
         "    - class_path: train_template.callbacks.SampleIdRecorder\n"
-        f"      init_args: {{out_dir: {run_dir / 'samples'}}}\n"
+        f"      init_args: {{out_dir: {out_dir}}}\n"
     )
     return path
+
+
+def steps_of(*audits: Path) -> dict[tuple[int, int], tuple[list[int], float]]:
+    """(epoch, step) -> (sorted sample ids of all ranks, LR) from SampleIdRecorder folders;
+    a later audit (a relaunch) wins a step."""
+    steps: dict[tuple[int, int], tuple[list[int], float]] = {}
+    for audit in audits:
+        found: dict[tuple[int, int], tuple[list[int], float]] = {}
+        for path in sorted(audit.glob("samples-rank*.jsonl")):
+            for record in map(json.loads, path.read_text().splitlines()):
+                key = (record["epoch"], record["step"])
+                found.setdefault(key, ([], record["lr"]))[0].extend(record["ids"])
+        steps.update({key: (sorted(ids), lr) for key, (ids, lr) in found.items()})
+    return steps
 
 
 def read_samples(run_dir: Path) -> dict[tuple[int, int, int], dict]:
@@ -242,22 +260,20 @@ def load_plan(run_dir: Path) -> dict:
 
 
 def last_step(run_dir: Path) -> int:
-    import torch
+    """The global step of ``run_dir``'s last.ckpt (a file or a sharded folder); -1 while
+    there is none."""
+    from train_template.checkpoint_files import checkpoint_progress
 
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return -1
-    try:
-        return torch.load(last, weights_only=True, map_location="cpu")["global_step"]
-    except Exception:  # noqa: BLE001 - unreadable means not written yet
-        return -1
+    progress = checkpoint_progress(str(run_dir / "checkpoints" / "last.ckpt"))
+    return -1 if progress is None else progress[0]
 
 
 def kill_after_checkpoint(
     cmd: list[str], run_dir: Path | str, min_step: int, env: dict | None = None, step_of=None
 ) -> int:
     """Start training, SIGKILL its whole process group once last.ckpt reaches min_step
-    (``step_of(run_dir)`` reads its step; a local run folder by default)."""
+    (``step_of(run_dir)`` reads its step; a local run folder by default). Returns the step
+    of the last.ckpt on disk after the kill (a save may have finished in between)."""
     step_of = step_of or last_step
     proc = subprocess.Popen(
         cmd,
@@ -268,13 +284,13 @@ def kill_after_checkpoint(
         start_new_session=True,
     )
     deadline = time.monotonic() + 240
-    while (step := step_of(run_dir)) < min_step:
+    while step_of(run_dir) < min_step:
         assert proc.poll() is None, "training ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return step
+    return step_of(run_dir)
 
 
 # Two gloo processes through Lightning's own launcher (add to a ddp.yaml command).

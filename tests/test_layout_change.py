@@ -10,12 +10,20 @@ on CPU.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_DDP, REPO, kill_after_checkpoint, run, train_cmd, write_shards
+from conftest import (
+    CPU_DDP,
+    REPO,
+    audit_overlay,
+    kill_after_checkpoint,
+    run,
+    steps_of,
+    train_cmd,
+    write_shards,
+)
 
 from train_template.order import GlobalOrder
 
@@ -40,26 +48,8 @@ ENV = {"PYTHONPATH": str(REPO / "tests")}
 
 
 def audited(run_dir: Path, data: Path, audit: Path, *args: str) -> list[str]:
-    overlay = audit.with_suffix(".yaml")
-    overlay.write_text(
-        "trainer:\n  callbacks:\n    - class_path: train_template.callbacks.SampleIdRecorder\n"
-        f"      init_args: {{out_dir: {audit}}}\n"
-    )
     command = train_cmd("fit", run_dir, data, *ON_ANY_LAYOUT, *args, config="ddp")
-    return [*command, "--config", str(overlay)]
-
-
-def steps_of(*audits: Path) -> dict[tuple[int, int], tuple[list[int], float]]:
-    """(epoch, step) -> (sorted sample ids of all ranks, LR); later audits win a step."""
-    steps: dict[tuple[int, int], tuple[list[int], float]] = {}
-    for audit in audits:
-        found: dict[tuple[int, int], tuple[list[int], float]] = {}
-        for path in sorted(audit.glob("samples-rank*.jsonl")):
-            for record in map(json.loads, path.read_text().splitlines()):
-                key = (record["epoch"], record["step"])
-                found.setdefault(key, ([], record["lr"]))[0].extend(record["ids"])
-        steps.update({key: (sorted(ids), lr) for key, (ids, lr) in found.items()})
-    return steps
+    return [*command, "--config", str(audit_overlay(audit.with_suffix(".yaml"), audit))]
 
 
 # litdata's shards 2 -> 1 run by default in tests/test_hosts.py (torchrun's elastic restart

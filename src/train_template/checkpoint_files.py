@@ -1,10 +1,8 @@
 """Which checkpoint a resume starts from (``--ckpt_path last|auto|best|<file>``), and
 reading one: the newest complete checkpoint of a run, damaged files set aside.
 
-Writes are already atomic in Lightning: ``TorchCheckpointIO`` serialises to memory and
-writes through an fsspec transaction (a temporary file moved into place), so a
-process killed mid-write never leaves a partial file under a checkpoint's name
-(``tests/test_resume.py`` kills a writer to prove it).
+Every save is complete or absent (``atomic_save.py``): a checkpoint's name only ever
+holds a complete checkpoint, so what is damaged here was damaged on disk or copied in.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 
 from train_template import launch, storage
+from train_template.atomic_save import REPLACED
 from train_template.errors import UserError
 from train_template.seam.checkpoint import checkpoint_progress_of
 
@@ -71,7 +70,10 @@ def newest_complete_checkpoint(directory: str, announce=rank_zero_info) -> str |
     over them is refused, so nothing is ever overwritten.
     """
     complete, damaged = [], []
-    for path in storage.files_in(directory, "*.ckpt"):
+    # A folder checkpoint a kill caught between the two renames that replace it
+    # (atomic_save.publish) is complete under its ".replaced" name.
+    replaced = [] if storage.is_url(directory) else storage.files_in(directory, f"*.ckpt{REPLACED}")
+    for path in [*storage.files_in(directory, "*.ckpt"), *replaced]:
         progress = checkpoint_progress(path)
         if progress is None:
             damaged.append(storage.name_of(path))

@@ -129,7 +129,7 @@ class TemplateCLI(CLISeam):
                 trainer.devices, trainer.num_nodes
             )
             launch.check_environment(trainer.devices, trainer.num_nodes)
-            launch.check_strategy(trainer.strategy, trainer.accelerator, _cuda_available())
+            launch.check_strategy(trainer.strategy)
             if launch.in_slurm_job() and not trainer.plugins:
                 # The preemption save (steps.RunMachinery) saves and requeues at a step boundary instead of
                 # Lightning's save from inside the signal handler.
@@ -171,6 +171,10 @@ def main(args: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns user errors into one line and exit status 2."""
     silence_known_messages()
     redact.hide_in_output(redact.secrets_in_arguments(sys.argv[1:] if args is None else args))
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["export"]:  # no model, data or process group: not a Trainer subcommand
+        run_export(argv[1:])
+        return
     defaults = default_config_files()
     parser_kwargs: dict[str, Any] = {"exit_on_error": False}
     for subcommand in SUBCOMMANDS:
@@ -183,6 +187,16 @@ def main(args: list[str] | None = None) -> None:
         raise
     except Exception as error:
         cli_errors.report(error)  # one line and exit, unless it is a bug
+        raise
+
+
+def run_export(argv: list[str]) -> None:
+    from train_template.export import main as export_main
+
+    try:
+        export_main(argv)
+    except Exception as error:
+        cli_errors.report(error)
         raise
 
 
@@ -200,8 +214,3 @@ def end_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

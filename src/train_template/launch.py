@@ -96,16 +96,17 @@ def torchrun_layout(
     return int(local), int(nodes)
 
 
-def check_strategy(strategy, accelerator, cuda_available: bool) -> None:
-    """FSDP needs NVIDIA GPUs: say so in one line instead of Lightning's traceback."""
+def check_strategy(strategy) -> None:
+    """FSDP1 (Lightning's ``FSDPStrategy``, ``--trainer.strategy fsdp``) gathers whole
+    state dicts and has none of the template's sharded checkpoints: one line pointing at
+    FSDP2 (``configs/fsdp.yaml``) instead."""
     name = strategy if isinstance(strategy, str) else str(getattr(strategy, "class_path", ""))
-    if "fsdp" not in name.lower() or cuda_available:
-        return
-    raise UserError(
-        f"--trainer.strategy {name} shards the model over NVIDIA GPUs and this machine has "
-        f"none (--trainer.accelerator {accelerator}): on a CPU use --config configs/ddp.yaml "
-        "--trainer.accelerator cpu --trainer.devices N, or run FSDP on a GPU node"
-    )
+    if name.lower().startswith("fsdp") or name.endswith("FSDPStrategy"):
+        raise UserError(
+            f"--trainer.strategy {name} is FSDP1, which the template does not checkpoint or "
+            "resume: use --config configs/fsdp.yaml (FSDP2 through ModelParallelStrategy; on "
+            "a CPU add --trainer.accelerator cpu --trainer.precision 32-true)"
+        )
 
 
 def global_rank_from_env(environ: Mapping[str, str] = os.environ) -> int:

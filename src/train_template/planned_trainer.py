@@ -14,7 +14,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from train_template import atomic_save
+from train_template.atomic_save import DirectCheckpointIO
 from train_template.errors import UserError
 from train_template.options import LRSchedule, PlanOptions
 from train_template.order_loader import ordered_train_loader
@@ -48,6 +51,8 @@ class PlannedTrainer(pl.Trainer):
             replace_train_sampler(self, lambda loader: ordered_train_loader(loader, self))
         # Secrets in the saved hyperparameters are masked in every checkpoint (redact.py).
         edit_every_checkpoint(self, redact_checkpoint)
+        if type(self.strategy.checkpoint_io) is TorchCheckpointIO:  # not a plugin of the user's
+            self.strategy.checkpoint_io = DirectCheckpointIO()
 
     def fit(
         self,
@@ -69,6 +74,17 @@ class PlannedTrainer(pl.Trainer):
         """
         self.resuming_from = None if ckpt_path is None else str(ckpt_path)
         super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
+
+    def save_checkpoint(
+        self, filepath: Any, weights_only: bool | None = None, storage_options: Any = None
+    ) -> None:
+        """Lightning's save, complete or absent on any filesystem (``atomic_save.py``): written
+        beside its destination under a temporary name, renamed once every rank wrote its part.
+        Call it on every process (as Lightning's)."""
+        if self.model is None:
+            super().save_checkpoint(filepath, weights_only, storage_options)  # Lightning's error
+        with self.profiler.profile("save_checkpoint"):
+            atomic_save.save_checkpoint(self, filepath, weights_only, storage_options)
 
     @property
     def estimated_stepping_batches(self) -> int | float:

@@ -81,6 +81,7 @@ from train_template.preemption import PreemptionSave
 from train_template.report import draw_training_plot, format_plan, write_plan
 from train_template.schedule import is_planned_scheduler
 from train_template.seam.litdata import clear_stale_restore
+from train_template.sharding import check_data_parallel
 from train_template.seam.loop import (
     batch_index,
     is_logging_step,
@@ -138,6 +139,7 @@ class RunMachinery(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         trainer.lr_schedule = self.lr_schedule
         redact.redact_loggers(trainer.loggers)  # before Lightning logs the hyperparameters
+        check_data_parallel(trainer.strategy)  # every rank a data-parallel rank
         if stage != "fit":
             return
         self.resume = resume.Resume.read(getattr(trainer, "resuming_from", None))
