@@ -58,7 +58,9 @@ def sharded_weights(folder: str) -> dict[str, Any]:
 def clean_names(weights: dict[str, Any]) -> dict[str, Any]:
     """Contiguous tensors (safetensors' requirement; tied weights become copies) under the
     uncompiled module's names."""
-    return {name.replace(COMPILED, ""): tensor.contiguous().clone() for name, tensor in weights.items()}
+    return {
+        name.replace(COMPILED, ""): tensor.contiguous().clone() for name, tensor in weights.items()
+    }
 
 
 def export(checkpoint_path: str, output: str | None = None) -> str:
@@ -67,7 +69,9 @@ def export(checkpoint_path: str, output: str | None = None) -> str:
 
     weights, step = weights_of(checkpoint_path)
     target = output or default_output(checkpoint_path)
-    data = save(clean_names(weights), metadata={"global_step": str(step), "source": checkpoint_path})
+    data = save(
+        clean_names(weights), metadata={"global_step": str(step), "source": checkpoint_path}
+    )
     if storage.is_url(target):
         storage.write_bytes(target, data)
     else:
@@ -99,4 +103,3 @@ def main(argv: list[str]) -> None:
     if not storage.exists(args.ckpt_path):
         raise UserError(f"--ckpt_path {args.ckpt_path}: no such checkpoint file or folder")
     export(args.ckpt_path, args.output)
-

@@ -81,13 +81,13 @@ from train_template.preemption import PreemptionSave
 from train_template.report import draw_training_plot, format_plan, write_plan
 from train_template.schedule import is_planned_scheduler
 from train_template.seam.litdata import clear_stale_restore
-from train_template.sharding import check_data_parallel
 from train_template.seam.loop import (
     batch_index,
     is_logging_step,
     release_step_limit,
     set_step_limit,
 )
+from train_template.sharding import check_data_parallel
 
 
 def template_callbacks(
