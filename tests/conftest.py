@@ -360,3 +360,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """``mount(name, size)``: a tmpfs of ``size`` (e.g. "1m") mounted at ``tmp_path/name``,
+    its own filesystem (root only; the test suite runs as root). Unmounted after the test,
+    also when it fails."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=True
+        )
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "--lazy", str(point)], check=False)
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """Take all but ``leave`` bytes of the free space of ``directory``'s filesystem."""
+    filler = directory / "filler"
+    free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    with open(filler, "wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, max(0, free - leave))
+    return filler

@@ -137,3 +137,19 @@ def test_no_model_and_no_data_is_one_line_that_says_how_to_select_them(tmp_path,
     assert status == 2
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and "--model CLASS_PATH and --data CLASS_PATH" in line
+
+
+def test_export_of_no_checkpoint_is_one_line(tmp_path, cli_in_process):
+    """docs/errors.md row 54: a folder without meta.pt, a truncated file, no such path."""
+    (tmp_path / "folder.ckpt").mkdir()
+    (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 not a whole zip")
+    for path, message in (
+        (tmp_path / "folder.ckpt", "not a complete checkpoint"),
+        (tmp_path / "truncated.ckpt", "not a complete checkpoint"),
+        (tmp_path / "missing.ckpt", "no such checkpoint file or folder"),
+    ):
+        status, _, stderr = cli_in_process(["export", "--ckpt_path", str(path)])
+        assert status == 2, stderr[-2000:]
+        line = stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: --ckpt_path {path}: {message}"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.ckpt", "truncated.ckpt"]

@@ -146,3 +146,41 @@ def test_the_folder_is_read_through_its_metadata(runs, cli_in_process):
     assert status == 0, stderr[-2000:]
     assert f"resuming {last} at global step {killed_at}" in printed
     assert "accumulate grad batches        2" in printed
+
+
+def test_export_consolidates_a_sharded_checkpoint_without_a_process_group(runs, cli_in_process):
+    from plain_lightning import ShardedDocsModule
+    from safetensors.torch import load_file
+
+    root, _, killed_at = runs
+    last = root / "killed" / "checkpoints" / "last.ckpt"
+    out = root / "exported" / "weights.safetensors"
+    status, printed, stderr = cli_in_process(
+        ["export", "--ckpt_path", str(last), "--output", str(out)]
+    )
+    assert status == 0, stderr[-2000:]
+    assert f"(global step {killed_at})" in printed
+    assert not torch.distributed.is_initialized()
+    exported = load_file(out)
+    unsharded = ShardedDocsModule(dropout=0).state_dict()  # the names an inference module loads
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in unsharded.items()}
+    weights, _ = weights_of(str(last))
+    for name, tensor in weights.items():
+        assert torch.equal(exported[name], tensor), name
+    ShardedDocsModule(dropout=0).load_state_dict(exported)  # strict: nothing missing or extra
+
+
+def test_model_parallel_strategy_defaults_are_refused_in_one_line(runs, tmp_path):
+    """Lightning's ModelParallelStrategy defaults make one node a tensor-parallel group: a
+    module that shards only over ``data_parallel`` would keep drifting replicas."""
+    _, data, _ = runs
+    overlay = tmp_path / "model-parallel.yaml"
+    overlay.write_text(
+        "trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
+    )
+    command = train_cmd("fit", tmp_path / "run", data, *SHARDED, *TWO, "--config", str(overlay))
+    result = run(command, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error") and "makes tensor-parallel groups of 2 ranks" in last, last

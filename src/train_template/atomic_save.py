@@ -52,9 +52,7 @@ def save_checkpoint(trainer: Any, filepath: Any, weights_only: bool | None, opti
     failure: BaseException | None = None
     try:
         strategy.save_checkpoint(checkpoint, partial, storage_options=options)
-    except OSError as error:
-        failure = error
-    except BaseException as error:  # torch.distributed.checkpoint wraps every rank's errors
+    except BaseException as error:  # a CheckpointException (DCP) is not an Exception
         if os_error_of(error) is None:
             raise
         failure = error
@@ -125,14 +123,17 @@ def state_bytes(state: Any) -> int:
 
 
 def os_error_of(error: BaseException | None) -> OSError | None:
-    """The OSError behind a failed save: the error itself, or one a
+    """The OSError behind a failed save: the error itself, one it was raised while handling
+    (torch.save's writer turns a full disk into a RuntimeError), or one that a
     ``torch.distributed.checkpoint.CheckpointException`` collected from any rank."""
-    if isinstance(error, OSError):
-        return error
-    for failure in getattr(error, "failures", {}).values():
-        cause = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(cause, OSError):
-            return cause
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        for failure in getattr(error, "failures", {}).values():
+            found = os_error_of(failure[0] if isinstance(failure, tuple) else failure)
+            if found is not None:
+                return found
+        error = error.__context__
     return None
 
 
@@ -143,15 +144,23 @@ def save_failed(final: str, failure: BaseException | None, needed: int) -> str:
     if error is None:  # this rank wrote nothing; another rank's write failed
         return f"cannot save checkpoint {final}: another rank's write failed (see its error)"
     try:
-        free = f", {shutil.disk_usage(directory).free / 2**20:.1f} MB free there"
+        free = f", {size_text(shutil.disk_usage(directory).free)} free there"
     except OSError:
         free = ""
     return (
         f"cannot save checkpoint {final}: {error.strerror or error} (it needs about "
-        f"{needed / 2**20:.1f} MB per rank{free}): free space in {directory} or point "
+        f"{size_text(needed)} per rank{free}): free space in {directory} or point "
         "--trainer.default_root_dir at a larger, writable disk; the checkpoints already "
         "there are kept"
     )
+
+
+def size_text(count: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
 
 
 class DirectCheckpointIO(TorchCheckpointIO):

@@ -23,6 +23,10 @@ def report(error: BaseException) -> None:
     text = str(error)
     if isinstance(error, UserError):
         fail(text)
+    if (first := user_error_behind(error)) is not None:
+        # Lightning's clean-up after the template stopped the run (loggers finalizing on a
+        # full disk) raised again: the template's line is the one that says what to change.
+        fail(str(first))
     if isinstance(error, MisconfigurationException):  # Lightning's "fix your settings"
         fail(" ".join(text.split()))
     if isinstance(error, ValueError) and "Does not validate against any of the Union" in text:
@@ -96,6 +100,17 @@ def parser_error_line(message: str) -> str:
         reason = f"{before} {reason}"
     line = f'Parser key "{".".join(keys)}": {reason}' if keys else " ".join(useful)
     return line if len(line) < 400 else line[:397] + "..."
+
+
+def user_error_behind(error: BaseException) -> UserError | None:
+    """A UserError this error was raised while handling (its ``__context__`` chain)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, UserError):
+            return error
+        error = error.__context__
+    return None
 
 
 def error_line(message: str) -> str:
