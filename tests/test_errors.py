@@ -19,6 +19,8 @@ import pytest
 import torch
 from conftest import REPO, run, train_cmd, write_shards
 
+from train_template.export import weights_of
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -325,29 +327,45 @@ def test_catalogue_row(tmp_path, world, case, cli_in_process):
     assert {name: after.get(name) for name in before} == before
 
 
-def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path, world):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "one-process",
+        pytest.param("fsdp2", marks=pytest.mark.ddp),  # each rank checks its own shard
+    ],
+)
+def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path, world, layout):
     run_dir = tmp_path / "nan"
-    result = run(
-        train_cmd(
-            "fit",
-            run_dir,
-            world["data"],
-            "--model.lr",
-            "1e30",
-            "--checkpoint.every_n_train_steps",
-            "1",
+    sharded = layout == "fsdp2"
+    args = [
+        "--model.lr",
+        "1e30",
+        "--checkpoint.every_n_train_steps",
+        "1",
+        "--data.batch_size",
+        "16",
+    ]
+    if sharded:
+        args += ["--model", "plain_lightning.ShardedDocsModule", "--trainer.accelerator", "cpu"]
+        args += [
+            "--trainer.devices",
+            "2",
+            "--trainer.precision",
+            "32-true",
             "--data.batch_size",
-            "16",
-        ),
-        check=False,
-    )
+            "8",
+        ]
+    command = train_cmd("fit", run_dir, world["data"], *args, config="fsdp" if sharded else None)
+    result = run(command, check=False)
     assert result.returncode == 2
+    assert "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert "non-finite" in line
     assert "the last good checkpoint is kept" in line
     for path in (run_dir / "checkpoints").glob("*.ckpt"):
-        state = torch.load(path, weights_only=True)["state_dict"]
-        assert all(torch.isfinite(t).all() for t in state.values()), path.name
+        weights, _ = weights_of(str(path))
+        assert all(torch.isfinite(t).all() for t in weights.values()), path.name
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
 
 
 @pytest.mark.slow  # by default: test_recovery's SIGTERM inside an accumulation window

@@ -58,7 +58,8 @@ class FiniteGuard:
         self.check_loss(trainer, "this checkpoint")
         # A finite loss can still be followed by an update that makes weights inf/NaN.
         # One sync for all parameters; decided together (FSDP shards differ per rank).
-        params = list(pl_module.parameters())
+        # A sharded parameter (FSDP2's DTensor) is checked on this rank's shard only.
+        params = [local_shard(p) for p in pl_module.parameters()]
         bad = bool(params) and not bool(
             torch.stack([torch.isfinite(p).all() for p in params]).all()
         )
@@ -66,10 +67,19 @@ class FiniteGuard:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
             name = next(
-                (n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()),
+                (
+                    n
+                    for n, p in pl_module.named_parameters()
+                    if not torch.isfinite(local_shard(p)).all()
+                ),
                 "on another rank",
             )
             raise UserError(
                 f"the weights became non-finite ({name}) at global step {trainer.global_step}: "
                 f"{_ADVICE}"
             )
+
+
+def local_shard(parameter: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: a DTensor's local shard, any other tensor itself."""
+    return parameter.to_local() if hasattr(parameter, "to_local") else parameter
