@@ -298,16 +298,22 @@ CPU_DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.
 
 
 def assert_same_weights(reference: Path, resumed: Path) -> dict:
-    """The two runs' last.ckpt: same global step and scheduler state, torch.equal weights."""
+    """The two runs' last.ckpt (files or sharded folders): same global step and scheduler
+    state, torch.equal weights. Returns the resumed one's metadata."""
     import torch
 
-    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"]
-    assert a["lr_schedulers"] == b["lr_schedulers"]
-    for name, tensor in a["state_dict"].items():
-        assert torch.equal(tensor, b["state_dict"][name]), name
-    return b
+    from train_template.checkpoint_files import read_checkpoint
+    from train_template.export import weights_of
+
+    a, b = (str(run_dir / "checkpoints" / "last.ckpt") for run_dir in (reference, resumed))
+    meta_a, meta_b = read_checkpoint(a), read_checkpoint(b)
+    assert meta_a["global_step"] == meta_b["global_step"]
+    assert meta_a["lr_schedulers"] == meta_b["lr_schedulers"]
+    weights_a, weights_b = weights_of(a)[0], weights_of(b)[0]
+    assert weights_a.keys() == weights_b.keys()
+    for name, tensor in weights_a.items():
+        assert torch.equal(tensor, weights_b[name]), name
+    return meta_b
 
 
 def fit_args(run_dir: Path, data: Path, *extra: str) -> list[str]:

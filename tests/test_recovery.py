@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import (
     CPU_DDP,
     REPO,
@@ -25,6 +24,8 @@ from conftest import (
     write_shards,
 )
 from test_resume import fit_args
+
+from train_template.checkpoint_files import read_checkpoint
 
 EPOCH_STEPS = 51  # 403 samples, batch 8
 
@@ -109,20 +110,31 @@ def send_sigterm_mid_window(cmd: list[str], run_dir: Path, after_batches: int) -
 
 
 @pytest.mark.slow  # the SLURM preemption test saves on SIGTERM and resumes bitwise by default
-@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.ddp)])
-def test_sigterm_inside_accumulation_window_resumes_bitwise(tmp_path, shards, world_size):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "one-process",
+        pytest.param("ddp", marks=pytest.mark.ddp),
+        pytest.param("fsdp2", marks=pytest.mark.ddp),
+    ],
+)
+def test_sigterm_inside_accumulation_window_resumes_bitwise(tmp_path, shards, layout):
     """accumulate 8, batch 8: the signal lands after batch 11 (inside the second window);
-    the save waits for a window's end, so no accumulated gradient is lost."""
+    the save waits for a window's end, so no accumulated gradient is lost. FSDP2: every
+    rank saves its shard of the preemption checkpoint, and the relaunch loads it."""
     extra = ["--trainer.accumulate_grad_batches", "8"]
-    config = None
-    if world_size == 2:
-        config = "ddp"
+    config = {"one-process": None, "ddp": "ddp", "fsdp2": "fsdp"}[layout]
+    world_size = 1 if layout == "one-process" else 2
+    if layout == "ddp":
         extra += CPU_DDP
+    if layout == "fsdp2":
+        extra += [*CPU_DDP[:4], "--model", "plain_lightning.ShardedDocsModule"]
+        extra += ["--trainer.precision", "32-true"]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run(fit_args(reference, shards, *extra, config=config))
     status = send_sigterm_mid_window(fit_args(resumed, shards, *extra, config=config), resumed, 11)
     assert status == 128 + signal.SIGTERM
-    saved = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = read_checkpoint(str(resumed / "checkpoints" / "last.ckpt"))
     # "processed": Lightning counts the batch being saved as completed only after its hooks.
     batches_done = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
     batches_per_epoch = {1: 51, 2: 26}[world_size]
