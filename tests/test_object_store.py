@@ -317,3 +317,50 @@ def start_fit(command: list[str], env: dict, log):
             command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
+
+
+@pytest.mark.ddp
+def test_sharded_checkpoints_in_object_storage_resume_exactly(store, tmp_path):
+    """FSDP2 on 2 gloo processes with --trainer.default_root_dir s3://...: each rank writes its
+    shard through DCP's fsspec writer, ``meta.pt`` last; killed after a mid-epoch checkpoint,
+    ``--ckpt_path auto`` resumes from the store to weights bitwise equal to a local run's."""
+    from conftest import write_shards
+
+    from train_template.checkpoint_files import checkpoint_progress
+    from train_template.export import weights_of
+
+    data = write_shards(tmp_path / "data", 128)
+    sharded = [
+        "--model", "plain_lightning.ShardedDocsModule", "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2", "--trainer.precision", "32-true", "--trainer.max_epochs", "2",
+        "--data.batch_size", "8", "--checkpoint.every_n_train_steps", "3",
+    ]  # fmt: skip
+    reference = tmp_path / "reference"
+    run(train_cmd("fit", reference, data, *sharded, config="fsdp"))
+    runs = f"s3://{store.bucket('template-sharded')}/run"
+    fit = train_cmd("fit", runs, data, *sharded, config="fsdp")
+    with pytest.MonkeyPatch.context() as patch:  # this process reads the store too
+        for name, value in store.env.items():
+            patch.setenv(name, value)
+        forget_object_store_clients()
+
+        def step_of(url: str) -> int:
+            forget_object_store_clients()  # s3fs would answer from its listing cache
+            progress = checkpoint_progress(f"{url}/checkpoints/last.ckpt")
+            return -1 if progress is None else progress[0]
+
+        killed_at = kill_after_checkpoint(fit, runs, 3, store.env, step_of)
+        assert 0 < killed_at < 16 and killed_at % 8 != 0  # mid-epoch (8 steps an epoch)
+        fs, root = files(store, runs)
+        shards = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/checkpoints/last.ckpt")}
+        assert {"meta.pt", ".metadata", "__0_0.distcp", "__1_0.distcp"} <= shards
+
+        resumed = run([*fit, "--ckpt_path", "auto"], env=store.env)
+        assert f"resumed at global step {killed_at} of 16" in resumed.stdout + resumed.stderr
+        forget_object_store_clients()
+        got, step = weights_of(f"{runs}/checkpoints/last.ckpt")
+        expected, _ = weights_of(str(reference / "checkpoints" / "last.ckpt"))
+        forget_object_store_clients()
+    assert step == 16 and got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name

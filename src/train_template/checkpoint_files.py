@@ -126,12 +126,17 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     loop progress and the template's state are there, and no rank's shards are read."""
     import torch
 
-    if not storage.is_url(path) and os.path.isdir(path):
-        path = os.path.join(path, DISTRIBUTED_METADATA)
     if storage.is_url(path):
-        source: Any = io.BytesIO(storage.read_bytes(path))
+        try:
+            data = storage.read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError):  # a sharded folder (a prefix)
+            path = storage.join(path, DISTRIBUTED_METADATA)
+            data = storage.read_bytes(path)
+        source: Any = io.BytesIO(data)
         options = {}
     else:
+        if os.path.isdir(path):
+            path = os.path.join(path, DISTRIBUTED_METADATA)
         source, options = str(path), {"mmap": True}
     with zipfile.ZipFile(source) as archive:  # a truncated file has no complete directory
         if not any(name.endswith("data.pkl") for name in archive.namelist()):

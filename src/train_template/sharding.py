@@ -13,11 +13,16 @@ order count every rank as a data-parallel rank.
 
 from __future__ import annotations
 
+import io
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from train_template import storage
 from train_template.errors import UserError
+
+METADATA = "meta.pt"  # Lightning's file of a distributed checkpoint beside the shards
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -42,6 +47,57 @@ class FSDP2Strategy(ModelParallelStrategy):
             tensor = 1 if self._tensor_parallel_size == "auto" else int(self._tensor_parallel_size)
             self._data_parallel_size = max(1, self.num_nodes * self.num_processes // tensor)
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
+        """Lightning's sharded save; a folder in object storage (``s3://``, which Lightning's
+        ``Path`` handling cannot address) through torch.distributed.checkpoint's fsspec
+        writer. There, ``meta.pt`` is deleted first and written last, after every rank's
+        shard and DCP's ``.metadata``: a folder without it is incomplete, never mixed."""
+        path = self.broadcast(str(filepath))
+        if not (storage.is_url(path) and self._save_distributed_checkpoint):
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        from torch.distributed.checkpoint import FsspecWriter, save
+
+        marker = storage.join(path, METADATA)
+        if self.global_rank == 0:
+            storage.remove(marker)
+        self.barrier("sharding.save")
+        shards = {"state_dict": checkpoint.pop("state_dict")}
+        for index, state in enumerate(checkpoint.pop("optimizer_states", [])):
+            shards[f"optimizer_{index}"] = state
+        save(shards, storage_writer=FsspecWriter(path))  # ends when every rank's shard is in
+        if self.global_rank == 0:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            storage.write_bytes(marker, buffer.getvalue())
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
+        """Lightning's sharded load (resharded to this world size by DCP); a folder in
+        object storage through DCP's fsspec reader."""
+        path = self.broadcast(str(checkpoint_path))
+        if not storage.is_url(path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from torch.distributed.checkpoint import FsspecReader, load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        model = self.model
+        weights = {"state_dict": get_model_state_dict(model)}
+        load(weights, storage_reader=FsspecReader(path))
+        model.load_state_dict(weights["state_dict"], strict=self.lightning_module.strict_loading)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            state = {key: get_optimizer_state_dict(model, optimizer)}
+            load(state, storage_reader=FsspecReader(path))
+            options = StateDictOptions(cpu_offload=True)
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=state[key], options=options)
+        metadata = storage.read_bytes(storage.join(path, METADATA))
+        return torch.load(io.BytesIO(metadata), weights_only=weights_only, map_location="cpu")
 
 
 def check_data_parallel(strategy: Any) -> None:

@@ -168,6 +168,13 @@ def move(source: str, target: str) -> None:
     fs.mv(inner, url_fs(target)[1])
 
 
+def remove(path: str) -> None:
+    """Delete an object (a URL) if it exists; local paths are ``atomic_save.remove``'s."""
+    fs, inner = url_fs(path)
+    if fs.exists(inner):
+        fs.rm(inner, recursive=True)
+
+
 @contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on the local file ``path`` (created if missing): one
