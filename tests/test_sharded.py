@@ -184,3 +184,27 @@ def test_model_parallel_strategy_defaults_are_refused_in_one_line(runs, tmp_path
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error") and "makes tensor-parallel groups of 2 ranks" in last, last
+
+
+@pytest.mark.slow  # four processes on this 2-core machine
+def test_a_sharded_resume_on_four_processes_trains_the_same_steps(runs):
+    """2 -> 4: the model and optimizer shards split again; batch 4 a rank keeps the global
+    batch of 16 with no accumulation."""
+    root = runs[0]
+    run_dir, audit, data = continued(runs, "four")
+    on_four = root / "on-four"
+    four = ["--trainer.devices", "4", "--data.batch_size", "4", "--ckpt_path", "last"]
+    resumed = run(sharded(run_dir, data, on_four, *four))
+    assert "accumulate grad batches        1" in resumed.stdout + resumed.stderr
+    expected = steps_of(root / "reference-audit")
+    steps = steps_of(audit, on_four)
+    assert steps.keys() == expected.keys()
+    for key, (ids, lr) in expected.items():
+        assert steps[key][0] == ids, key
+        assert steps[key][1] == pytest.approx(lr, rel=1e-12), key
+    assert {p.name for p in (run_dir / "checkpoints" / "last.ckpt").glob("*.distcp")} == {
+        f"__{rank}_0.distcp" for rank in range(4)
+    }
+    reference, weights = final_weights(root / "reference"), final_weights(run_dir)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
