@@ -133,13 +133,16 @@ def train_cmd(
     run_dir: Path,
     data_dir: Path,
     *args: str,
-    config: str | None = None,
+    config: str | tuple[str, ...] | None = None,
     model_and_data: tuple[str, ...] | list[str] = tuple(MODEL_AND_DATA),
 ) -> list[str]:
     """``train.py`` on the tests' own module and shards, with ``configs/<config>.yaml``
-    (e.g. ``ddp``) when given; ``args`` may select another ``--model`` / ``--data`` (the
+    (e.g. ``ddp``, or several in order: ``("lm", "fsdp")``) when given; ``args`` may select another ``--model`` / ``--data`` (the
     examples' tests pass ``model_and_data=()`` to train what the configs select)."""
-    configs = ["--config", str(REPO / "configs" / f"{config}.yaml")] if config else []
+    names = [config] if isinstance(config, str) else list(config or ())
+    configs = [
+        arg for name in names for arg in ("--config", str(REPO / "configs" / f"{name}.yaml"))
+    ]
     return [
         PYTHON,
         str(REPO / "train.py"),

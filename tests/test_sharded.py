@@ -14,6 +14,7 @@ One run is killed with SIGKILL after a mid-epoch checkpoint; two copies of it go
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -64,8 +65,13 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory):
     """The uninterrupted 2-process run, and one killed after a mid-epoch checkpoint."""
     root = tmp_path_factory.mktemp("sharded")
-    data = write_shards(root / "data", 128)
+    # 20 validation samples: litdata gives rank 0 one batch of 8 and rank 1 two (8 + 4);
+    # FSDP2's forward is a collective, so the template pads rank 0's evaluation.
+    data = write_shards(root / "data", 128, num_val=20)
     run(sharded(root / "reference", data, root / "reference-audit", *TWO))
+    with (root / "reference" / "logs" / "version_0" / "metrics.csv").open() as metrics:
+        validated = [row for row in csv.DictReader(metrics) if row.get("val_loss")]
+    assert len(validated) == 2  # every epoch validated on both ranks
     killed = root / "killed"
     step = kill_after_checkpoint(sharded(killed, data, root / "killed-audit", *TWO), killed, 3)
     assert 0 < step < 2 * STEPS_PER_EPOCH and step % STEPS_PER_EPOCH != 0  # mid-epoch

@@ -100,6 +100,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         return torch.load(io.BytesIO(metadata), weights_only=weights_only, map_location="cpu")
 
 
+def forward_is_collective(strategy: Any) -> bool:
+    """True when every forward pass is a collective (FSDP all-gathers the parameters), so
+    all ranks must run the same number of evaluation batches too."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, (ModelParallelStrategy, FSDPStrategy))
+
+
 def check_data_parallel(strategy: Any) -> None:
     """One line instead of silently diverging replicas: the template's plan and sample
     order treat every rank as a data-parallel rank, so a tensor-parallel group must be 1."""

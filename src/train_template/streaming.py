@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from train_template import storage
 from train_template.errors import UserError
+from train_template.even_batches import EvenBatchesLoader
 from train_template.layout import TrainLayout
 from train_template.litdata_stream import LitdataStreamTrain
 from train_template.seam.litdata import (
@@ -46,6 +47,7 @@ from train_template.seam.litdata import (
     samples_of_rank,
     view_as_rank,
 )
+from train_template.sharding import forward_is_collective
 from train_template.shards import SPLITS
 from train_template.stream_items import GlobalOrderTrain, owned_bytes
 
@@ -272,11 +274,30 @@ class StreamingDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader | StreamingDataLoader:
         return self.train_source.loader()
 
-    def val_dataloader(self) -> StreamingDataLoader:
-        return self.stream_loader("val")
+    def val_dataloader(self) -> StreamingDataLoader | EvenBatchesLoader:
+        return self.eval_loader("val")
 
-    def test_dataloader(self) -> StreamingDataLoader:
-        return self.stream_loader("test")
+    def test_dataloader(self) -> StreamingDataLoader | EvenBatchesLoader:
+        return self.eval_loader("test")
+
+    def eval_loader(self, split: str) -> StreamingDataLoader | EvenBatchesLoader:
+        """litdata gives the last rank the leftover samples, so ranks may evaluate different
+        numbers of batches. Under a sharded strategy every forward pass is a collective and
+        the longer rank would wait forever: there the shorter ranks are padded as torch's
+        ``DistributedSampler`` pads (a few samples seen twice, at most one batch a rank)."""
+        loader = self.stream_loader(split)
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return loader
+        if not forward_is_collective(trainer.strategy):
+            return loader
+        own = torch.tensor(len(loader), device=trainer.strategy.root_device)
+        most = int(trainer.strategy.reduce(own, reduce_op="max").item())
+        if most == len(loader):
+            return loader
+        return EvenBatchesLoader(
+            loader, most, padding_source=self.make_dataset(split), split_size=self.split_size(split)
+        )
 
     def predict_dataloader(self) -> StreamingDataLoader:
         return self.stream_loader(self.predict_split)

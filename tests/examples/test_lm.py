@@ -149,7 +149,7 @@ def test_preparation_is_skipped_when_up_to_date(token_data):
     assert "up to date" in said[0]
 
 
-def lm_fit(run_dir: Path, data: Path, *extra: str, config: str = "lm") -> list[str]:
+def lm_fit(run_dir: Path, data: Path, *extra: str, config: str | tuple = "lm") -> list[str]:
     return train_cmd("fit", run_dir, data, *TINY, *extra, config=config, model_and_data=())
 
 
@@ -201,21 +201,31 @@ def test_token_budget_plans_exactly_the_steps_executed(
 
 
 @pytest.mark.parametrize(
-    "world_size", [1, pytest.param(2, marks=[pytest.mark.ddp, pytest.mark.slow])]
+    "layout",
+    [
+        "one-process",
+        pytest.param("ddp", marks=[pytest.mark.ddp, pytest.mark.slow]),
+        # configs/lm.yaml + configs/fsdp.yaml: the LM shards its blocks in configure_model
+        pytest.param("fsdp2", marks=[pytest.mark.ddp, pytest.mark.slow]),
+    ],
 )
-def test_lm_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, token_data, world_size):
+def test_lm_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, token_data, layout):
     _, data, _ = token_data
     extra = ["--plan.max_tokens", "12000", "--checkpoint.every_n_train_steps", "4"]
-    if world_size == 2:
+    config: str | tuple = "lm"
+    if layout == "ddp":
         extra += CPU_DDP
+    if layout == "fsdp2":
+        config = ("lm", "fsdp")
+        extra += [*CPU_DDP[:4], "--trainer.precision", "32-true"]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    run(lm_fit(reference, data, *extra))
+    run(lm_fit(reference, data, *extra, config=config))
     plan = load_plan(reference)
     killed_at = kill_after_checkpoint(
-        lm_fit(resumed, data, *extra), resumed, plan["steps_per_epoch"] + 1
+        lm_fit(resumed, data, *extra, config=config), resumed, plan["steps_per_epoch"] + 1
     )
     assert killed_at % plan["steps_per_epoch"] != 0 and killed_at < plan["max_steps"]
-    run(lm_fit(resumed, data, *extra, "--ckpt_path", "last"))
+    run(lm_fit(resumed, data, *extra, "--ckpt_path", "last", config=config))
     assert assert_same_weights(reference, resumed)["global_step"] == plan["max_steps"]
 
 

@@ -58,6 +58,20 @@ class LanguageModule(pl.LightningModule):
         self.flops_per_token = 6 * parameters  # forward + backward, for ThroughputMonitor
         self.flops_per_batch = 0
 
+    def configure_model(self) -> None:
+        """Under ``configs/fsdp.yaml`` (a ``ModelParallelStrategy``): FSDP2 shards each block,
+        then the rest (embeddings, tied head), as torchtitan does; unsharded otherwise."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.network, FSDPModule):
+            return  # sharded already (configure_model may be called again)
+        for block in self.network.blocks:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self.network, mesh=mesh["data_parallel"])
+
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         logits = self.network(inputs)
