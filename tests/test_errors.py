@@ -331,7 +331,7 @@ def test_catalogue_row(tmp_path, world, case, cli_in_process):
     "layout",
     [
         "one-process",
-        pytest.param("fsdp2", marks=pytest.mark.ddp),  # each rank checks its own shard
+        pytest.param("fsdp2", marks=[pytest.mark.ddp, pytest.mark.slow]),  # each rank its shard
     ],
 )
 def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path, world, layout):

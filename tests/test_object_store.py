@@ -320,6 +320,7 @@ def start_fit(command: list[str], env: dict, log):
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # the quick subset stays under 10 minutes; test_sharded covers the folder
 def test_sharded_checkpoints_in_object_storage_resume_exactly(store, tmp_path):
     """FSDP2 on 2 gloo processes with --trainer.default_root_dir s3://...: each rank writes its
     shard through DCP's fsspec writer, ``meta.pt`` last; killed after a mid-epoch checkpoint,

@@ -176,6 +176,7 @@ def test_export_consolidates_a_sharded_checkpoint_without_a_process_group(runs, 
     ShardedDocsModule(dropout=0).load_state_dict(exported)  # strict: nothing missing or extra
 
 
+@pytest.mark.slow  # two processes started only to be refused
 def test_model_parallel_strategy_defaults_are_refused_in_one_line(runs, tmp_path):
     """Lightning's ModelParallelStrategy defaults make one node a tensor-parallel group: a
     module that shards only over ``data_parallel`` would keep drifting replicas."""

@@ -54,9 +54,12 @@ At each **batch end**
 At each **epoch end**: the non-finite flag is read; a stream without a length that ended
 before the plan's last step stops the run in one line; the checkpoint callback saves.
 
-At each **save** (every rank builds the checkpoint, rank 0 writes it)
+At each **save** (every rank builds the checkpoint; rank 0 writes it, or under a sharded
+strategy each rank its own shard)
   16. a non-finite loss or weight refuses the save, so ``last.ckpt`` stays the last good;
-  17. the plan and every rank's RNG states go into the checkpoint.
+  17. the plan and every rank's RNG states go into the checkpoint;
+  (after) ``PlannedTrainer.save_checkpoint`` writes it as ``<name>.partial`` and renames it
+     into place once every rank's part is written (``atomic_save.py``).
 
 At the **end of the fit**
   18. rank 0 draws ``<log_dir>/training.png`` from the run's ``metrics.csv`` files
