@@ -6,8 +6,8 @@ each strategy wraps it: torch's ``DistributedDataParallel`` (``configs/ddp.yaml`
 under ``configs/fsdp.yaml``). One AdamW step on a small batch, gloo processes, then per
 rank: the bytes of parameters + gradients + optimizer state it holds, and the seconds and
 bytes of a checkpoint save and load: a full file written by rank 0 (DDP, as Lightning
-saves it) vs each rank's own shard through torch.distributed.checkpoint (what the
-template's FSDP2 checkpoints are). Baseline: DDP at the same world size, in the same run.
+saves it, fsynced as the template's save does) vs each rank's own shard through
+torch.distributed.checkpoint (what the template's FSDP2 checkpoints are; DCP fsyncs too). Baseline: DDP at the same world size, in the same run.
 
     .venv/bin/python scripts/bench/bench_sharding.py [--width 768 --layers 8 --sizes 1 2 4]
 """
@@ -80,8 +80,10 @@ def worker(rank: int, world: int, strategy: str, args, port: int, out: Path) -> 
 
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(target))
-    elif rank == 0:
-        torch.save({"model": net.state_dict(), "optim": optimizer.state_dict()}, f"{target}.pt")
+    elif rank == 0:  # as the template saves a file: written, then fsynced (atomic_save.py)
+        with open(f"{target}.pt", "wb") as handle:
+            torch.save({"model": net.state_dict(), "optim": optimizer.state_dict()}, handle)
+            os.fsync(handle.fileno())
     saved = time.perf_counter() - start
     dist.barrier()
     start = time.perf_counter()
