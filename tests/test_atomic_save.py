@@ -88,7 +88,11 @@ def kill_during_save(command: list[str], checkpoints: Path) -> tuple[str, int]:
 
 @pytest.mark.parametrize(
     "layout",
-    ["one-process-file", pytest.param("fsdp2-folder", marks=[pytest.mark.ddp, pytest.mark.slow])],
+    [
+        # slow: the quick subset stays under 10 minutes (the full-disk test above is default)
+        pytest.param("one-process-file", marks=pytest.mark.slow),
+        pytest.param("fsdp2-folder", marks=[pytest.mark.ddp, pytest.mark.slow]),
+    ],
 )
 def test_a_kill_during_a_save_leaves_the_newest_complete_checkpoint(tmp_path, layout):
     data = write_shards(tmp_path / "data", 128)

@@ -30,7 +30,7 @@ from conftest import (
     write_shards,
 )
 
-from train_template.checkpoint_files import newest_complete_checkpoint
+from train_template.checkpoint_files import newest_complete_checkpoint, resolve_ckpt_path
 from train_template.export import weights_of
 from train_template.resume import Resume
 
@@ -140,6 +140,8 @@ def test_the_folder_is_read_through_its_metadata(runs, cli_in_process):
     root, data, killed_at = runs
     last = root / "killed" / "checkpoints" / "last.ckpt"
     assert newest_complete_checkpoint(str(last.parent)) == str(last)
+    best = resolve_ckpt_path("best", str(last.parent))  # the newest top-k folder (no monitor)
+    assert Path(best).is_dir() and Path(best).name.startswith("epoch")
     resume = Resume.read(str(last))
     assert resume.global_step == killed_at and resume.plan["max_steps"] == 16
     assert resume.plan["world_size"] == 2 and len(resume.rng) == 2  # every rank's RNG
@@ -215,3 +217,18 @@ def test_a_sharded_resume_on_four_processes_trains_the_same_steps(runs):
     reference, weights = final_weights(root / "reference"), final_weights(run_dir)
     for name, tensor in reference.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # two processes started only to be refused
+def test_predict_on_ranks_with_uneven_batches_is_refused_in_one_line(runs, tmp_path):
+    """Evaluation pads the shorter ranks (a forward pass is a collective); predictions are
+    not padded, since a padded sample would be written twice: one line instead of a hang."""
+    root, data, _ = runs
+    last = root / "killed" / "checkpoints" / "last.ckpt"
+    predict = ["--data.predict_split", "val", "--ckpt_path", str(last)]  # 20 samples: 1 + 2 batches
+    command = train_cmd("predict", tmp_path / "run", data, *SHARDED, *TWO, *predict, config="fsdp")
+    result = run(command, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "gives the ranks [1, 2] batches" in line and "--trainer.devices 1" in line, line

@@ -29,6 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from train_template import storage
 from train_template.errors import UserError
+from train_template.seam.checkpoint import dump_checkpoint
 
 PARTIAL = ".partial"  # a save in progress, or one a kill interrupted (removed at the next)
 REPLACED = ".replaced"  # a folder being replaced by a newer one of the same name
@@ -39,7 +40,7 @@ def save_checkpoint(trainer: Any, filepath: Any, weights_only: bool | None, opti
     written under a temporary name and published only when every rank's write succeeded."""
     final = str(filepath)
     strategy = trainer.strategy
-    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
+    checkpoint = dump_checkpoint(trainer, weights_only)
     if storage.is_url(final):
         strategy.save_checkpoint(checkpoint, final, storage_options=options)
         strategy.barrier("Trainer.save_checkpoint")

@@ -21,11 +21,12 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from train_template import storage
 from train_template.errors import UserError
+from train_template.seam.strategy import ModelParallelSeam
 
 METADATA = "meta.pt"  # Lightning's file of a distributed checkpoint beside the shards
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class FSDP2Strategy(ModelParallelSeam):
     """``ModelParallelStrategy`` whose ``data_parallel_size: auto`` is the world size and
     whose tensor-parallel group is one device: FSDP2 (``fully_shard``) over every rank.
 
@@ -41,11 +42,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().__init__(data_parallel_size, tensor_parallel_size, **kwargs)
 
     def setup_environment(self) -> None:
-        if self._data_parallel_size == "auto":
+        if self.requested_data_parallel_size == "auto":
             # The world size is known here (set by the launcher); Lightning's own "auto"
             # (the number of nodes) is applied in super().setup_environment().
-            tensor = 1 if self._tensor_parallel_size == "auto" else int(self._tensor_parallel_size)
-            self._data_parallel_size = max(1, self.num_nodes * self.num_processes // tensor)
+            tensor = self.requested_tensor_parallel_size
+            tensor = 1 if tensor == "auto" else int(tensor)
+            self.requested_data_parallel_size = max(
+                1, self.num_nodes * self.num_processes // tensor
+            )
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
@@ -54,7 +58,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         writer. There, ``meta.pt`` is deleted first and written last, after every rank's
         shard and DCP's ``.metadata``: a folder without it is incomplete, never mixed."""
         path = self.broadcast(str(filepath))
-        if not (storage.is_url(path) and self._save_distributed_checkpoint):
+        if not (storage.is_url(path) and self.saves_distributed_checkpoint):
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         from torch.distributed.checkpoint import FsspecWriter, save

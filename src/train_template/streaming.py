@@ -286,21 +286,36 @@ class StreamingDataModule(pl.LightningDataModule):
         the longer rank would wait forever: there the shorter ranks are padded as torch's
         ``DistributedSampler`` pads (a few samples seen twice, at most one batch a rank)."""
         loader = self.stream_loader(split)
-        trainer = self.trainer
-        if trainer is None or trainer.world_size == 1:
-            return loader
-        if not forward_is_collective(trainer.strategy):
-            return loader
-        own = torch.tensor(len(loader), device=trainer.strategy.root_device)
-        most = int(trainer.strategy.reduce(own, reduce_op="max").item())
-        if most == len(loader):
+        counts = self.batches_of_every_rank(loader)
+        if len(set(counts)) <= 1:
             return loader
         return EvenBatchesLoader(
-            loader, most, padding_source=self.make_dataset(split), split_size=self.split_size(split)
+            loader, max(counts), self.make_dataset(split), split_size=self.split_size(split)
         )
 
     def predict_dataloader(self) -> StreamingDataLoader:
-        return self.stream_loader(self.predict_split)
+        """Predictions are not padded (a padded sample would be written twice): uneven
+        ranks under a sharded strategy are refused in one line instead of hanging."""
+        loader = self.stream_loader(self.predict_split)
+        counts = self.batches_of_every_rank(loader)
+        if len(set(counts)) > 1:
+            raise UserError(
+                f"predict under a sharded strategy: the '{self.predict_split}' split gives the "
+                f"ranks {counts} batches, and every rank must run the same number: use "
+                "--trainer.devices 1 (the sharded checkpoint loads on any number of devices)"
+            )
+        return loader
+
+    def batches_of_every_rank(self, loader: StreamingDataLoader) -> list[int]:
+        """Every rank's batch count of an evaluation loader, where it matters: under a
+        strategy whose forward pass is a collective (one all-gather); else this rank's only."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return [len(loader)]
+        if not forward_is_collective(trainer.strategy):
+            return [len(loader)]
+        own = torch.tensor([len(loader)], device=trainer.strategy.root_device)
+        return trainer.strategy.all_gather(own).reshape(-1).tolist()
 
     def train_layout(self, world_size: int, accumulate_grad_batches: int = 1) -> TrainLayout:
         """What each rank's own train loader yields at ``world_size`` (the plan's input),

@@ -284,6 +284,7 @@ def test_torchrun_two_processes_run_lm_yaml_and_predict_writes_text(tmp_path, to
 
 
 @pytest.mark.s3
+@pytest.mark.slow  # the quick subset stays under 10 minutes; test_object_store prepares into s3 by default
 def test_preparation_into_object_storage_is_idempotent(tmp_path):
     """``scripts/prepare_lm_data.py --out s3://...`` (and the digits' ``prepare_data.py``):
     every split and ``dataset.json`` in the store; a second run skips as on a disk."""

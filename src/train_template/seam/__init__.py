@@ -10,7 +10,8 @@ jsonargparse 4.x (``uv.lock``).
 - ``checkpoint``: what Lightning keeps in and around a checkpoint (loop counters, RNG
   states, ModelCheckpoint's private saves);
 - ``cli``: LightningCLI's subcommands;
-- ``litdata``: litdata's datasets, loaders and object-store client.
+- ``litdata``: litdata's datasets, loaders and object-store client;
+- ``strategy``: ``ModelParallelStrategy``'s mesh sizes and checkpoint format (FSDP2).
 
 The rest of the machinery calls the public functions of these modules; arithmetic on
 what they return lives in the module that owns it (``resume.py``, ``plan.py``).

@@ -73,6 +73,12 @@ class ModelCheckpointSeam(ModelCheckpoint):
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
 
+def dump_checkpoint(trainer: pl.Trainer, weights_only: bool | None) -> dict:
+    """The checkpoint dict ``Trainer.save_checkpoint`` would write (every rank builds it):
+    ``_CheckpointConnector.dump_checkpoint``, for a save that writes it elsewhere first."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only)
+
+
 def edit_every_checkpoint(trainer: pl.Trainer, edit: Any) -> None:
     """Let ``edit(checkpoint)`` change every checkpoint dict Lightning builds, before any
     strategy writes it.
