@@ -33,6 +33,9 @@ class DocsStyleModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", F.cross_entropy(self.net(batch["image"]), batch["label"]))
 
+    def predict_step(self, batch, batch_idx):
+        return self.net(batch["image"]).argmax(dim=-1)
+
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
