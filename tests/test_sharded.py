@@ -208,7 +208,8 @@ def test_a_sharded_resume_on_four_processes_trains_the_same_steps(runs):
     root = runs[0]
     run_dir, audit, data = continued(runs, "four")
     on_four = root / "on-four"
-    four = ["--trainer.devices", "4", "--data.batch_size", "4", "--ckpt_path", "last"]
+    folder = run_dir / "checkpoints" / "last.ckpt"  # --ckpt_path <folder>
+    four = ["--trainer.devices", "4", "--data.batch_size", "4", "--ckpt_path", str(folder)]
     resumed = run(sharded(run_dir, data, on_four, *four))
     assert "accumulate grad batches        1" in resumed.stdout + resumed.stderr
     expected = steps_of(root / "reference-audit")

@@ -54,7 +54,7 @@ def save_checkpoint(trainer: Any, filepath: Any, weights_only: bool | None, opti
     try:
         strategy.save_checkpoint(checkpoint, partial, storage_options=options)
     except BaseException as error:  # a CheckpointException (DCP) is not an Exception
-        if os_error_of(error) is None:
+        if not is_write_failure(error):
             raise
         failure = error
     if strategy.reduce_boolean_decision(failure is not None, all=False):
@@ -138,19 +138,35 @@ def os_error_of(error: BaseException | None) -> OSError | None:
     return None
 
 
+def is_write_failure(error: BaseException) -> bool:
+    """An OSError (also behind torch.save's RuntimeError), or a failed write of any rank of
+    a torch.distributed.checkpoint save (its ``CheckpointException``: the ranks' errors are
+    pickled to the coordinator, which loses what they were raised while handling)."""
+    return os_error_of(error) is not None or bool(getattr(error, "failures", None))
+
+
 def save_failed(final: str, failure: BaseException | None, needed: int) -> str:
     """The one line of a failed save: the path, the reason, the space it needs and has."""
     directory = os.path.dirname(final) or "."
-    error = os_error_of(failure)
-    if error is None:  # this rank wrote nothing; another rank's write failed
-        return f"cannot save checkpoint {final}: another rank's write failed (see its error)"
     try:
-        free = f", {size_text(shutil.disk_usage(directory).free)} free there"
+        free: int | None = shutil.disk_usage(directory).free
     except OSError:
-        free = ""
+        free = None
+    error = os_error_of(failure)
+    if error is not None:
+        reason = error.strerror or str(error)
+    elif free is not None and free < needed:
+        reason = "No space left on device"  # a rank's full disk, as DCP reports it
+    elif failure is not None and getattr(failure, "failures", None):
+        first = next(iter(failure.failures.values()))
+        first = first[0] if isinstance(first, tuple) else first
+        reason = f"{type(first).__name__}: {(str(first).splitlines() or [''])[0][:200]}"
+    else:  # this rank wrote nothing; another rank's write failed
+        return f"cannot save checkpoint {final}: another rank's write failed (see its error)"
+    space = "" if free is None else f", {size_text(free)} free there"
     return (
-        f"cannot save checkpoint {final}: {error.strerror or error} (it needs about "
-        f"{size_text(needed)} per rank{free}): free space in {directory} or point "
+        f"cannot save checkpoint {final}: {reason} (it needs about "
+        f"{size_text(needed)} per rank{space}): free space in {directory} or point "
         "--trainer.default_root_dir at a larger, writable disk; the checkpoints already "
         "there are kept"
     )

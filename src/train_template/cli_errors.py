@@ -129,4 +129,21 @@ def leave(message: str) -> NoReturn:
 
 def fail(message: str) -> NoReturn:
     print(error_line(message), file=sys.stderr)
+    if in_a_group_of_several():
+        # Every rank reports its error and leaves. An ordinary exit would run the
+        # interpreter's shutdown with gloo's threads still holding tensors of the open
+        # group, which aborts ("terminate called without an active exception", status 134
+        # instead of 2); the group cannot be closed here (a peer may sit in a collective).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
+
+
+def in_a_group_of_several() -> bool:
+    """This process is in an initialised process group of more than one rank."""
+    if "torch.distributed" not in sys.modules:  # a parse error: no torch import for it
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
