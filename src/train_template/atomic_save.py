@@ -41,7 +41,9 @@ def save_checkpoint(trainer: Any, filepath: Any, weights_only: bool | None, opti
     final = str(filepath)
     strategy = trainer.strategy
     checkpoint = dump_checkpoint(trainer, weights_only)
-    if storage.is_url(final):
+    if storage.is_url(final) or writes_in_background(strategy):
+        # An object store publishes whole objects; a background writer (your
+        # AsyncCheckpointIO plugin) is still writing when save_checkpoint returns.
         strategy.save_checkpoint(checkpoint, final, storage_options=options)
         strategy.barrier("Trainer.save_checkpoint")
         return
@@ -65,6 +67,14 @@ def save_checkpoint(trainer: Any, filepath: Any, weights_only: bool | None, opti
     if strategy.is_global_zero:
         publish(partial, final)
     strategy.barrier("Trainer.save_checkpoint")
+
+
+def writes_in_background(strategy: Any) -> bool:
+    """Lightning's ``AsyncCheckpointIO`` returns before the file is written: there is no
+    moment to rename it at, so such a plugin keeps its own (non-atomic) writes."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    return isinstance(strategy.checkpoint_io, AsyncCheckpointIO)
 
 
 def publish(partial: str, final: str) -> None:
