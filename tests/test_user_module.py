@@ -109,8 +109,15 @@ def test_map_style_data_module_gets_an_exact_plan(tmp_path, shards):
     assert scheduler["total_steps"] == last["global_step"] == len(lrs) == 14
 
 
+# slow: the quick subset stays under 10 minutes. By default the map-style sampler's
+# mid-epoch position after a SIGKILL is checked step by step in tests/test_layout_change.py
+# (map-style, 2 -> 1) and a plain module's bitwise resume in tests/test_sharded.py.
 @pytest.mark.parametrize(
-    "world_size", [1, pytest.param(2, marks=[pytest.mark.ddp, pytest.mark.slow])]
+    "world_size",
+    [
+        pytest.param(1, marks=pytest.mark.slow),
+        pytest.param(2, marks=[pytest.mark.ddp, pytest.mark.slow]),
+    ],
 )
 def test_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, shards, world_size):
     """The docs-style module on the docs-style map-style data module: Lightning itself
