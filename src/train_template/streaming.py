@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from train_template import storage
 from train_template.errors import UserError
+from train_template.eval_loaders import evaluation_loader, prediction_loader
 from train_template.even_batches import EvenBatchesLoader
 from train_template.layout import TrainLayout
 from train_template.litdata_stream import LitdataStreamTrain
@@ -47,7 +48,6 @@ from train_template.seam.litdata import (
     samples_of_rank,
     view_as_rank,
 )
-from train_template.sharding import forward_is_collective
 from train_template.shards import SPLITS
 from train_template.stream_items import GlobalOrderTrain, owned_bytes
 
@@ -275,47 +275,13 @@ class StreamingDataModule(pl.LightningDataModule):
         return self.train_source.loader()
 
     def val_dataloader(self) -> StreamingDataLoader | EvenBatchesLoader:
-        return self.eval_loader("val")
+        return evaluation_loader(self, "val")
 
     def test_dataloader(self) -> StreamingDataLoader | EvenBatchesLoader:
-        return self.eval_loader("test")
-
-    def eval_loader(self, split: str) -> StreamingDataLoader | EvenBatchesLoader:
-        """litdata gives the last rank the leftover samples, so ranks may evaluate different
-        numbers of batches. Under a sharded strategy every forward pass is a collective and
-        the longer rank would wait forever: there the shorter ranks are padded as torch's
-        ``DistributedSampler`` pads (a few samples seen twice, at most one batch a rank)."""
-        loader = self.stream_loader(split)
-        counts = self.batches_of_every_rank(loader)
-        if len(set(counts)) <= 1:
-            return loader
-        return EvenBatchesLoader(
-            loader, max(counts), self.make_dataset(split), split_size=self.split_size(split)
-        )
+        return evaluation_loader(self, "test")
 
     def predict_dataloader(self) -> StreamingDataLoader:
-        """Predictions are not padded (a padded sample would be written twice): uneven
-        ranks under a sharded strategy are refused in one line instead of hanging."""
-        loader = self.stream_loader(self.predict_split)
-        counts = self.batches_of_every_rank(loader)
-        if len(set(counts)) > 1:
-            raise UserError(
-                f"predict under a sharded strategy: the '{self.predict_split}' split gives the "
-                f"ranks {counts} batches, and every rank must run the same number: use "
-                "--trainer.devices 1 (the sharded checkpoint loads on any number of devices)"
-            )
-        return loader
-
-    def batches_of_every_rank(self, loader: StreamingDataLoader) -> list[int]:
-        """Every rank's batch count of an evaluation loader, where it matters: under a
-        strategy whose forward pass is a collective (one all-gather); else this rank's only."""
-        trainer = self.trainer
-        if trainer is None or trainer.world_size == 1:
-            return [len(loader)]
-        if not forward_is_collective(trainer.strategy):
-            return [len(loader)]
-        own = torch.tensor([len(loader)], device=trainer.strategy.root_device)
-        return trainer.strategy.all_gather(own).reshape(-1).tolist()
+        return prediction_loader(self)
 
     def train_layout(self, world_size: int, accumulate_grad_batches: int = 1) -> TrainLayout:
         """What each rank's own train loader yields at ``world_size`` (the plan's input),
