@@ -23,14 +23,16 @@ COMPILED = "_orig_mod."  # what torch.compile inserts into a compiled module's k
 
 def weights_of(checkpoint_path: str) -> tuple[dict[str, Any], int]:
     """The model weights (name -> tensor) and the global step of a checkpoint."""
-    from train_template.checkpoint_files import checkpoint_progress, read_checkpoint
+    from train_template.checkpoint_files import read_checkpoint
 
-    if checkpoint_progress(checkpoint_path) is None:
+    try:  # read once: a file whole (memory-mapped), a sharded folder's meta.pt
+        metadata = read_checkpoint(checkpoint_path)
+        int(metadata["global_step"])
+    except Exception:  # noqa: BLE001 - any failure to load means "not a checkpoint"
         raise UserError(
             f"--ckpt_path {checkpoint_path}: not a complete checkpoint (a file, or a sharded "
             "checkpoint folder with its meta.pt): export another one"
-        )
-    metadata = read_checkpoint(checkpoint_path)
+        ) from None
     if "state_dict" in metadata:
         weights = metadata["state_dict"]
     else:  # a sharded checkpoint: the weights are in the shards beside meta.pt

@@ -20,10 +20,9 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from train_template import storage
+from train_template.checkpoint_files import DISTRIBUTED_METADATA as METADATA
 from train_template.errors import UserError
 from train_template.seam.strategy import ModelParallelSeam
-
-METADATA = "meta.pt"  # Lightning's file of a distributed checkpoint beside the shards
 
 
 class FSDP2Strategy(ModelParallelSeam):
@@ -57,10 +56,11 @@ class FSDP2Strategy(ModelParallelSeam):
         ``Path`` handling cannot address) through torch.distributed.checkpoint's fsspec
         writer. There, ``meta.pt`` is deleted first and written last, after every rank's
         shard and DCP's ``.metadata``: a folder without it is incomplete, never mixed."""
-        path = self.broadcast(str(filepath))
-        if not (storage.is_url(path) and self.saves_distributed_checkpoint):
+        # Lightning broadcasts the path itself; only the object-store branch needs its own.
+        if not (storage.is_url(str(filepath)) and self.saves_distributed_checkpoint):
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
+        path = self.broadcast(str(filepath))
         from torch.distributed.checkpoint import FsspecWriter, save
 
         marker = storage.join(path, METADATA)
@@ -79,9 +79,9 @@ class FSDP2Strategy(ModelParallelSeam):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
         """Lightning's sharded load (resharded to this world size by DCP); a folder in
         object storage through DCP's fsspec reader."""
-        path = self.broadcast(str(checkpoint_path))
-        if not storage.is_url(path):
+        if not storage.is_url(str(checkpoint_path)):
             return super().load_checkpoint(checkpoint_path, weights_only)
+        path = self.broadcast(str(checkpoint_path))
         from torch.distributed.checkpoint import FsspecReader, load
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
