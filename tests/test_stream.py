@@ -1,15 +1,22 @@
 """Streamed data without a length: the length in steps or samples is exact for any module,
-epochs alone are refused in one line, and a stream that runs dry stops the run in one line.
+epochs alone are refused in one line, a stream that runs dry stops the run in one line,
+and a mid-stream checkpoint resumes a stateful loader exactly (a plain one from the
+stream's start).
 
-Real in-process fits of Lightning's docs-style module (its OneCycleLR sized from
-``estimated_stepping_batches``) on an ``IterableDataset`` with no ``__len__``.
+Real fits of Lightning's docs-style module (its OneCycleLR sized from
+``estimated_stepping_batches``) on an ``IterableDataset`` with no ``__len__``: in this
+process, and through ``train.py`` killed and resumed.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import PYTHON, REPO, assert_same_weights, kill_after_checkpoint, recorder_config, run
 from plain_lightning import DocsStyleModule, StreamDataModule
 
 from train_template.errors import UserError
@@ -100,3 +107,47 @@ def test_the_cli_refuses_epochs_alone_on_a_stream(cli_in_process, tmp_path):
         .splitlines()[-1]
         .startswith("error: --trainer.max_epochs=2: the train loader has no length (a stream)")
     )
+
+
+def stream_fit(run_dir: Path, data: str, *extra: str) -> list[str]:
+    """``train.py fit`` of the docs-style module on a stream, 30 steps, a checkpoint every
+    10, with the sample-id audit."""
+    return [
+        PYTHON, str(REPO / "train.py"), "fit", "--config", str(recorder_config(run_dir)),
+        "--model", "plain_lightning.DocsStyleModule", "--data", data,
+        "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
+        "--trainer.max_steps", "30", "--checkpoint.every_n_train_steps", "10", *extra,
+    ]  # fmt: skip
+
+
+def stream_steps(run_dir: Path) -> dict[int, tuple[list[int], float]]:
+    """step -> (sample ids, LR); a relaunch's record of a step replaces the killed run's."""
+    lines = (run_dir / "samples" / "samples-rank0.jsonl").read_text().splitlines()
+    return {r["step"]: (r["ids"], r["lr"]) for r in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_a_mid_stream_checkpoint_resumes_the_stream_where_the_loader_can_say(tmp_path):
+    """torchdata's ``StatefulDataLoader``: SIGKILL after a mid-stream checkpoint, resumed
+    with ``--ckpt_path last``, trains every later step on the uninterrupted run's samples
+    and LR, to bitwise equal weights. A plain ``DataLoader`` over the same stream has no
+    position to save: the steps after the resume see the stream from its first sample,
+    with the same LR and step count."""
+    stateful = "plain_lightning.StatefulStreamDataModule"
+    reference = tmp_path / "reference"
+    run(stream_fit(reference, stateful))
+    expected = stream_steps(reference)
+    assert sorted(expected) == list(range(30))
+    for name, data in ((stateful, stateful), ("plain", "plain_lightning.StreamDataModule")):
+        run_dir = tmp_path / name.rsplit(".", 1)[-1]
+        killed_at = kill_after_checkpoint(stream_fit(run_dir, data), run_dir, 10)
+        assert killed_at in (10, 20), "the kill should land after a mid-stream checkpoint"
+        run(stream_fit(run_dir, data, "--ckpt_path", "last"))
+        steps = stream_steps(run_dir)
+        assert sorted(steps) == list(range(30))
+        assert [lr for _, lr in steps.values()] == [lr for _, lr in expected.values()]
+        if data == stateful:
+            assert steps == expected
+            assert_same_weights(reference, run_dir)
+        else:  # the stream began again at the resume
+            assert steps[killed_at][0] == expected[0][0] != expected[killed_at][0]

@@ -25,7 +25,9 @@ At **train start** (the loader built and restored)
   (before it) Lightning prepares the train loader: a plain map-style one gets the global
      order's sampler, positioned at the restored step (``order_loader.py``, installed by
      ``PlannedTrainer`` where Lightning would put its ``DistributedSampler``);
-  5. every rank's real batch count is gathered and checked against the plan;
+  5. every rank's real batch count is gathered and checked against the plan; a stream
+     whose loader saves its position (``StatefulDataLoader``) is read no batch ahead, so
+     that position is the last batch trained (``seam.loop.stop_lookahead_of_a_stateful_stream``);
   6. the step limit is set to the plan's ``max_steps``; the plan is printed (rank 0) and
      written to ``<log_dir>/plan.json``;
   7. SIGUSR1/SIGTERM handlers are installed (they only record the signal).
@@ -89,6 +91,7 @@ from train_template.seam.loop import (
     is_logging_step,
     release_step_limit,
     set_step_limit,
+    stop_lookahead_of_a_stateful_stream,
 )
 from train_template.sharding import check_data_parallel
 
@@ -165,6 +168,7 @@ class RunMachinery(Callback):
         plan = self.plan
         assert plan is not None, "setup('fit') makes the plan"
         check_loader(trainer, plan)
+        stop_lookahead_of_a_stateful_stream(trainer)  # its saved position: the batch trained
         set_step_limit(trainer, plan.max_steps)
         planned = any(is_planned_scheduler(c.scheduler) for c in trainer.lr_scheduler_configs)
         log_dir = trainer.log_dir  # a broadcast in DDP: every rank must ask

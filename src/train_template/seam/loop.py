@@ -146,3 +146,47 @@ def configured_schedulers(model: pl.LightningModule, trainer: pl.Trainer) -> tup
         return optimizers, _configure_schedulers_automatic_opt(schedulers, monitor)
     finally:
         model.trainer = None
+
+
+def stop_lookahead_of_a_stateful_stream(trainer: pl.Trainer) -> bool:
+    """Read no further ahead than the batch being trained, for a train loader without a
+    length that saves its position (``state_dict``/``load_state_dict``: torchdata's
+    ``StatefulDataLoader``). True when it applied.
+
+    Lightning's ``_PrefetchDataFetcher`` (loops/fetchers.py) reads one batch ahead of a
+    loader without a length, to know the last batch in advance; the position Lightning
+    saves in a checkpoint (``FitLoop.on_save_checkpoint``: the loader's ``state_dict``) is
+    then one batch past the last one trained, and a resume skipped that batch (measured:
+    the resumed step 10 trained the uninterrupted run's step 11). The fetcher made in
+    ``FitLoop.setup_data`` (``fit_loop._data_fetcher``; no public setting of the train
+    loop's lookahead) becomes one that hands out the batch it already read, then reads
+    one per step. Such a stream's last batch is then known when it runs dry, which the
+    plan's length (a stream trains to ``max_steps``) does not need.
+    """
+    from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
+
+    fetcher = trainer.fit_loop._data_fetcher
+    if type(fetcher) is not _PrefetchDataFetcher or fetcher.length is not None:
+        return False  # a sized loader is not read ahead; a dataloader_iter step is its own
+    loaders = trainer.fit_loop._combined_loader.flattened
+    if not any(
+        callable(getattr(loader, "state_dict", None))
+        and callable(getattr(loader, "load_state_dict", None))
+        for loader in loaders
+    ):
+        return False  # nothing saves a position: reading ahead changes nothing
+    fetcher.__class__ = _no_lookahead_fetcher()
+    fetcher.prefetch_batches = 0
+    return True
+
+
+def _no_lookahead_fetcher() -> type:
+    from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
+
+    class NoLookaheadFetcher(_PrefetchDataFetcher):
+        def __next__(self) -> Any:
+            if self.batches:  # the batch read ahead at setup, handed out without a refill
+                return self.batches.pop(0)
+            return super().__next__()
+
+    return NoLookaheadFetcher
