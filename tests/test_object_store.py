@@ -23,7 +23,7 @@ from conftest import (
     REPO,
     forget_object_store_clients,
     free_port,
-    kill_after_checkpoint,
+    kill_after_step,
     prepare_shards,
     run,
     train_cmd,
@@ -73,6 +73,35 @@ def step_in_store(store):
     return step_of
 
 
+@pytest.mark.parametrize("case", ["bad-keys", "no-bucket"])
+def test_bad_keys_or_no_bucket_stop_the_run_in_one_line(store, tmp_path, case, cli_in_process):
+    """Row 48 against a real store: a root the keys may not write, or in a bucket that does
+    not exist (never created on the way), is refused before any work."""
+    from conftest import write_shards
+
+    env = {**store.env, "AWS_MAX_ATTEMPTS": "1"}
+    if case == "bad-keys":
+        env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    bucket = store.bucket("template-runs") if case == "bad-keys" else "no-such-bucket"
+    data = write_shards(tmp_path / "data", 32)
+    root = f"s3://{bucket}/refused"
+    status, _, stderr = cli_in_process(train_cmd("fit", root, data)[2:], env)
+    assert status == 2, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    reason = {
+        "bad-keys": "(The request signature we calculated does not match",
+        "no-bucket": "(there is no bucket 'no-such-bucket' at this endpoint)",
+    }[case]
+    assert line.startswith(f"error: --trainer.default_root_dir={root} is not writable {reason}")
+    assert line.endswith("check the bucket and the AWS_* settings (AWS_ENDPOINT_URL, keys)")
+    assert "Traceback" not in stderr
+    if case == "no-bucket":  # SeaweedFS would have made it at the first write
+        assert bucket not in {b["Name"] for b in store.client().list_buckets()["Buckets"]}
+    else:
+        listed = store.client().list_objects_v2(Bucket=bucket, Prefix="refused")
+        assert not listed.get("Contents"), "nothing written under the refused root"
+
+
 def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path):
     url = f"s3://{store.bucket('template-data')}/digits"
     with pytest.MonkeyPatch.context() as patch:  # the preparation runs in this process
@@ -113,10 +142,9 @@ def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path
     assert "val_loss" in result.stdout
 
     runs = f"s3://{store.bucket('template-runs')}/digits"
-    killed_at = kill_after_checkpoint(
-        train_cmd("fit", runs, url, *SHORT), runs, 5, store.env, step_in_store(store)
-    )
-    assert 0 < killed_at < 24  # 1437 samples / 128: 12 whole global batches per epoch, 2 epochs
+    # Killed right after step 8's checkpoint (12 steps an epoch, one every 4): mid-epoch.
+    kill_after_step(train_cmd("fit", runs, url, *SHORT), 8, store.env)
+    assert step_in_store(store)(runs) == 8
     fs, root = files(store, runs)
     assert fs.exists(f"{root}/logs/version_0/plan.json")
     fresh = run(train_cmd("fit", runs, url, *SHORT), env=store.env, check=False)
@@ -141,7 +169,7 @@ def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path
     assert any(name.startswith("events.out.tfevents") for name in logs)
 
 
-@pytest.mark.slow  # the two-rank test below covers an outage under saves by default
+@pytest.mark.slow  # a reference run, an outage, a restart of the store and a resume
 def test_a_store_outage_ends_the_run_in_one_line_and_the_resume_is_exact(tmp_path):
     """The store is killed (SIGKILL to its pid) while a run with checkpoints in it trains:
     the run ends with one line and exit status 1, no traceback; the store restarted from
@@ -214,10 +242,6 @@ def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact,
         args = [*SHORT, "--data.batch_size", "32", *CPU_DDP,
                 "--model", "plain_lightning.DocsStyleModule"]  # fmt: skip
         total = 46
-        if exact:
-            # The kill's checkpoint (read from the store after the kill) can be 30+ steps in:
-            # 4 epochs leave the resumed run 50+ steps, many polls, before its last step.
-            args, total = [*args, "--trainer.max_epochs", "4"], 92
         store.env["PYTHONPATH"] = str(REPO / "tests")  # every run below: the user's module
         runs = f"s3://{store.bucket('template-runs')}/ddp"
         command = train_cmd("fit", runs, data, *args)
@@ -227,9 +251,9 @@ def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact,
         if exact:
             reference = tmp_path / "reference"
             run(train_cmd("fit", reference, data, *args), env=store.env)
-            killed_at = kill_after_checkpoint(command, runs, 5, store.env, step_of)
-            assert 0 < killed_at < 40
-            resume, outage_at = auto, killed_at + 4
+            kill_after_step(command, 8, store.env)  # after step 8's checkpoint
+            assert step_of(runs) == 8
+            resume, outage_at = auto, 12
 
         # botocore's attempts at a dead endpoint (5 by default: ~40 s here) cut to 2:
         # the same way out, sooner.
@@ -325,7 +349,7 @@ def start_fit(command: list[str], env: dict, log):
 
 
 @pytest.mark.ddp
-@pytest.mark.slow  # the quick subset stays under 10 minutes; test_sharded covers the folder
+@pytest.mark.slow  # two FSDP2 processes, a reference, a kill and a resume
 def test_sharded_checkpoints_in_object_storage_resume_exactly(store, tmp_path):
     """FSDP2 on 2 gloo processes with --trainer.default_root_dir s3://...: each rank writes its
     shard through DCP's fsspec writer, ``meta.pt`` last; killed after a mid-epoch checkpoint,
@@ -355,8 +379,9 @@ def test_sharded_checkpoints_in_object_storage_resume_exactly(store, tmp_path):
             progress = checkpoint_progress(f"{url}/checkpoints/last.ckpt")
             return -1 if progress is None else progress[0]
 
-        killed_at = kill_after_checkpoint(fit, runs, 3, store.env, step_of)
-        assert 0 < killed_at < 16 and killed_at % 8 != 0  # mid-epoch (8 steps an epoch)
+        kill_after_step(fit, 3, store.env)  # after step 3's checkpoint, mid-epoch
+        killed_at = step_of(runs)
+        assert killed_at == 3  # of 8 an epoch
         fs, root = files(store, runs)
         shards = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/checkpoints/last.ckpt")}
         assert {"meta.pt", ".metadata", "__0_0.distcp", "__1_0.distcp"} <= shards

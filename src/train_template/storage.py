@@ -198,8 +198,25 @@ def check_writable(root: str) -> None:
         Path(probe).unlink()
         return
     fs, inner = url_fs(probe)
+    _check_bucket(fs, inner.split("/", 1)[0])
     fs.pipe_file(inner, b"")
     fs.rm_file(inner)
+
+
+def _check_bucket(fs: Any, bucket: str) -> None:
+    """Some S3-compatible stores (SeaweedFS) create a missing bucket at the first write, so
+    a mistyped bucket would silently become a new one: ask for it first (S3 only). Any
+    other refusal (bad keys) is left to the probe write, whose error says why."""
+    head = getattr(fs, "call_s3", None)
+    if head is None:
+        return
+    try:
+        head("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"there is no bucket {bucket!r} at this endpoint") from None
+    except Exception as error:  # noqa: BLE001 - the store's own errors, by library
+        if outage_line(error) is not None:
+            raise  # no store answers: asking again for the write would only wait longer
 
 
 # What an object store that stopped answering raises, by the libraries between it and the
