@@ -188,16 +188,28 @@ def apt_install(commands: dict[str, str]) -> None:
         subprocess.run(install, env=env, check=True, capture_output=True)
 
 
-def resolvable_node_names() -> None:
-    """The emulated node names resolve (Lightning's SLURM environment takes the first node
-    of SLURM_NODELIST as the main address, as on a real cluster)."""
+HOSTS_LINE = "  # train-template test cluster"
+
+
+@contextlib.contextmanager
+def resolvable_node_names() -> Iterator[None]:
+    """The emulated node names resolve while the cluster runs (Lightning's SLURM
+    environment takes the first node of SLURM_NODELIST as the main address, as on a real
+    cluster): a line added to /etc/hosts for the missing names, removed afterwards."""
     hosts = Path("/etc/hosts")
     known = hosts.read_text()
     names = {name for line in known.splitlines() for name in line.split("#")[0].split()[1:]}
     missing = [node for node in NODES if node not in names]
+    line = f"127.0.0.1 {' '.join(missing)}{HOSTS_LINE}\n"
     if missing:
         with hosts.open("a") as out:
-            out.write(f"127.0.0.1 {' '.join(missing)}  # train-template test cluster\n")
+            out.write(line)
+    try:
+        yield
+    finally:
+        if missing:  # /etc/hosts may be a bind mount: rewrite it in place, never replace it
+            text = hosts.read_text()
+            hosts.write_text(text.replace(line, "", 1))
 
 
 class SlurmCluster:
@@ -296,11 +308,10 @@ def slurm_cluster(ports: list[int]) -> Iterator[SlurmCluster]:
     """A started cluster; its state lives in a fresh /tmp folder (mode 755: munged
     refuses a socket folder whose parents others may not read, as pytest's are)."""
     install_slurm()
-    resolvable_node_names()
     root = Path(tempfile.mkdtemp(prefix="tt-slurm-"))
     root.chmod(0o755)
     try:
-        with running(SlurmCluster(root, ports)) as cluster:
+        with resolvable_node_names(), running(SlurmCluster(root, ports)) as cluster:
             yield cluster
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -10,9 +10,11 @@ on a machine; every daemon is stopped by its pid at the end, also when a test fa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -147,24 +149,63 @@ def test_sigusr1_twice_saves_requeues_and_resumes_exactly(cluster, shards, refer
     assert_like_the_reference(reference, run_dir)
 
 
-@pytest.mark.slow  # passed 3 of 4 runs here: under load the preemption can land after the end
+def job_processes(job_id: str) -> list[int]:
+    """The pids of the job's training processes (both emulated nodes run on this machine)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue  # not a process, or one that ended meanwhile
+        argv = cmdline.split(b"\0")
+        if f"SLURM_JOB_ID={job_id}".encode() in environ and argv[:2] == [
+            sys.executable.encode(),
+            b"train.py",
+        ]:  # the tasks srun started, not srun itself
+            pids.append(int(proc.name))
+    return pids
+
+
 def test_a_real_preemption_requeues_and_resumes_exactly(cluster, shards, reference, tmp_path):
     """A job on the urgent partition (PriorityTier 10) takes both nodes whole: slurmctld
     requeues the training job (PreemptMode=REQUEUE) and sends its tasks SIGTERM, which
     save at the next agreed step boundary within KillWait (30 s). (With a partition
-    GraceTime SLURM would not requeue a job that ends within the grace time itself.)"""
+    GraceTime SLURM would not requeue a job that ends within the grace time itself.)
+
+    The training is frozen (SIGSTOP) from step 5 until slurmctld has acted: the
+    preemption is decided on the scheduler's cycle, and under load the 31 remaining steps
+    could end first (1 run in 4 did before the freeze). The SIGTERM waits as a pending
+    signal; slurmd sends SIGCONT before it when it ends tasks, and so does the test."""
     run_dir = tmp_path / "preempted"
     job_id = submit(cluster, run_dir, shards)
     wait_for_step(cluster, job_id, run_dir, 5)
-    urgent = cluster.cmd(
-        "sbatch", "--parsable", "-p", "urgent", "--nodes", "2",
-        "--exclusive",  # both nodes whole: the training job must make room
-        "--output", os.devnull, "--wrap", "sleep 2",
-    ).stdout.strip()  # fmt: skip
+    frozen = job_processes(job_id)
+    assert len(frozen) == 2, frozen  # one task per node
+    try:
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        urgent = cluster.cmd(
+            "sbatch", "--parsable", "-p", "urgent", "--nodes", "2",
+            "--exclusive",  # both nodes whole: the training job must make room
+            "--output", os.devnull, "--wrap", "sleep 2",
+        ).stdout.strip()  # fmt: skip
+        deadline = time.monotonic() + 120
+        while (
+            cluster.job(job_id).get("JobState") == "RUNNING"
+            and int(cluster.job(job_id).get("Restarts", 0)) == 0
+        ):
+            assert time.monotonic() < deadline, cluster.job(job_id)
+            time.sleep(0.05)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     wait_until_resumed(cluster, job_id, run_dir, 1)
     assert cluster.wait_job(urgent, FINISHED, timeout=200)["JobState"] == "COMPLETED"
     job, text = finish(cluster, job_id)
     assert job["Restarts"] == "1" and "DUE TO PREEMPTION" in text
+    assert "SIGTERM: saved" in text, text[-3000:]
     assert [step % 5 for step in resumed_at(text)] == [0], text[-3000:]
     assert_like_the_reference(reference, run_dir)
 
