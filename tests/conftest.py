@@ -8,11 +8,14 @@ they pass with the embedded examples deleted (``scripts/test.sh`` runs them in s
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -182,6 +185,19 @@ def cli_in_process(monkeypatch, capsys):
             monkeypatch.setenv(name, value)
         handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
         capsys.readouterr()
+        # Lightning's log handler holds the stderr of the moment it was imported (an earlier
+        # test's capture, closed since): point it at this call's stderr, as in a process.
+        loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        logs = [
+            handler
+            for logger in loggers
+            if isinstance(logger, logging.Logger)
+            for handler in logger.handlers
+            if type(handler) is logging.StreamHandler  # not pytest's capture handlers
+        ]
+        streams = [handler.stream for handler in logs]
+        for handler in logs:
+            handler.stream = sys.stderr  # not setStream: it flushes the closed one
         environ = dict(os.environ)  # Lightning writes MASTER_PORT & co. into it
         status = 0
         try:
@@ -189,6 +205,8 @@ def cli_in_process(monkeypatch, capsys):
         except SystemExit as exited:
             status = exited.code or 0
         finally:
+            for handler, stream in zip(logs, streams, strict=True):
+                handler.stream = stream
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
             os.environ.clear()
@@ -296,6 +314,24 @@ def kill_after_checkpoint(
     return step_of(run_dir)
 
 
+def kill_after_step(cmd: list[str], step: int, env: dict | None = None) -> None:
+    """Run ``cmd`` with ``faults.KillAfterCheckpoint(step)``: the run's process group is
+    SIGKILLed from inside at the first batch after step ``step`` (its checkpoint saved)."""
+    from faults import kill_overlay
+
+    overlay = kill_overlay(Path(tempfile.mkdtemp()) / f"kill-after-{step}.yaml", step)
+    result = subprocess.run(
+        [*cmd, "--config", str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,  # the group it kills is the run's own
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+
+
 # Two gloo processes through Lightning's own launcher (add to a ddp.yaml command).
 CPU_DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
@@ -365,10 +401,31 @@ def assert_each_sample_once_per_epoch(run_dir: Path, num_train: int, world_size:
     return plan
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
+    """A port for a server a test starts: free now, never handed out before in this
+    session, and below the kernel's ephemeral range (where bind to port 0 and outgoing
+    connections take their ports), so nothing else can take it between this call and the
+    server's bind. Port + 10000 (SeaweedFS's implied gRPC port) is free and below it too;
+    from 20000 up: Lightning's SLURM environment takes 15000-19999 for its jobs."""
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(20_000, ephemeral - 10_000)
+        pair = (port, port + 10_000)
+        if not _HANDED_OUT.intersection(pair) and all(map(_bindable, pair)):
+            _HANDED_OUT.update(pair)
+            return port
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @pytest.fixture

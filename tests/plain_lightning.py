@@ -86,6 +86,17 @@ class MapStyleDataModule(L.LightningDataModule):
         return DataLoader(self.val, batch_size=64)
 
 
+class GrowingDataModule(MapStyleDataModule):
+    """A faulty data module: each ``train_dataloader()`` call sees 16 more samples (a loader
+    built from state that changes between calls), so the loader Lightning trains on is not
+    the one the plan measured."""
+
+    def train_dataloader(self):
+        self.num_train += 16
+        self.setup("fit")
+        return super().train_dataloader()
+
+
 class DigitsStream(IterableDataset):
     """The digits as an endless stream (or ``num_samples`` of it), with no ``__len__``:
     how Hugging Face streaming datasets and bucket readers look to a DataLoader."""
@@ -114,6 +125,16 @@ class StreamDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(DigitsDicts(1600, 1797), batch_size=64)
+
+
+class StatefulStreamDataModule(StreamDataModule):
+    """The same stream through torchdata's ``StatefulDataLoader``: a loader with
+    ``state_dict``/``load_state_dict``, which Lightning saves in checkpoints and restores."""
+
+    def train_dataloader(self):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(DigitsStream(self.num_samples), batch_size=self.batch_size)
 
 
 class TokenModule(DocsStyleModule):

@@ -107,7 +107,7 @@ def kill_during_save(command: list[str], checkpoints: Path) -> tuple[str, int]:
 @pytest.mark.parametrize(
     "layout",
     [
-        # slow: the quick subset stays under 10 minutes (the full-disk test above is default)
+        # slow (out of the quick subset; CI runs them): a reference run, a kill and a resume
         pytest.param("one-process-file", marks=pytest.mark.slow),
         pytest.param("fsdp2-folder", marks=[pytest.mark.ddp, pytest.mark.slow]),
     ],

@@ -323,8 +323,39 @@ def test_catalogue_row(tmp_path, world, case, cli_in_process):
     assert status == 2, stderr[-3000:]
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and message in last_line, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
     after = digest(world["earlier"])  # a failed run may add its own log folder, never touch ours
     assert {name: after.get(name) for name in before} == before
+
+
+def test_a_loader_unlike_the_plan_and_an_unlogged_monitor(tmp_path, world, cli_in_process):
+    """Rows 37 and 38: the checks at train start and in the checkpoint callback."""
+    growing = ["--data", "plain_lightning.GrowingDataModule", "--trainer.max_epochs", "1"]
+    status, _, stderr = cli_in_process(
+        train_cmd("fit", tmp_path / "grow", world["data"], *growing)[2:]
+    )
+    assert status == 2, stderr[-3000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert "batches per epoch but the plan measured" in last_line and "Traceback" not in stderr
+    assert not (tmp_path / "grow" / "checkpoints").exists() or not any(
+        (tmp_path / "grow" / "checkpoints").iterdir()
+    )
+
+    run_dir = tmp_path / "monitor"
+    args = [
+        "--trainer.max_epochs",
+        "2",
+        "--data.batch_size",
+        "16",
+        "--checkpoint.monitor",
+        "val/acc",
+    ]
+    with pytest.warns(
+        UserWarning, match="--checkpoint.monitor=val/acc is not logged by this module"
+    ):
+        status, _, stderr = cli_in_process(train_cmd("fit", run_dir, world["data"], *args)[2:])
+    assert status == 0, stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
 
 
 @pytest.mark.parametrize(
@@ -362,13 +393,15 @@ def test_nan_loss_stops_and_keeps_only_finite_checkpoints(tmp_path, world, layou
     line = result.stderr.strip().splitlines()[-1]
     assert "non-finite" in line
     assert "the last good checkpoint is kept" in line
-    for path in (run_dir / "checkpoints").glob("*.ckpt"):
+    kept = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert kept, "a good checkpoint (step 1's weights are huge but finite) should be kept"
+    for path in kept:
         weights, _ = weights_of(str(path))
         assert all(torch.isfinite(t).all() for t in weights.values()), path.name
     assert not list((run_dir / "checkpoints").glob("*.partial"))
 
 
-@pytest.mark.slow  # by default: test_recovery's SIGTERM inside an accumulation window
+@pytest.mark.slow  # three processes; the accumulation-window SIGTERM: test_recovery
 def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, world):
     run_dir = tmp_path / "term"
     args = ["--trainer.max_epochs", "30", "--data.batch_size", "16"]

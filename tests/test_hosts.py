@@ -104,7 +104,7 @@ def assert_one_line_from_the_worker(log: str, reason: str) -> None:
     assert "Traceback" not in worker_part, worker_part[-3000:]
 
 
-@pytest.mark.slow  # default: the link-down and the elastic restart after a killed host
+@pytest.mark.slow  # a reference and two launches on two hosts
 def test_two_hosts_train_and_a_killed_host_resumes_exactly(hosts, shards, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     every = ["--checkpoint.every_n_train_steps", "4"]
@@ -136,7 +136,7 @@ def test_two_hosts_train_and_a_killed_host_resumes_exactly(hosts, shards, tmp_pa
     }
 
 
-@pytest.mark.slow  # the 2 x 1 tests above cover the default run
+@pytest.mark.slow  # four processes on two hosts
 def test_two_hosts_of_two_processes_train_to_the_end(hosts, tmp_path):
     run_dir = tmp_path / "run"
     # 4 ranks x 8: litdata gives whole batches per rank, so 16 val samples would leave

@@ -30,7 +30,7 @@ def shards(tmp_path_factory) -> Path:
     return write_shards(tmp_path_factory.mktemp("launch-shards"), 203)  # uneven on purpose
 
 
-@pytest.mark.slow  # tests/test_hosts.py runs torchrun on two real hosts by default
+@pytest.mark.slow  # a torchrun launch (two hosts: tests/test_hosts.py)
 def test_torchrun_two_processes_see_every_sample_once(tmp_path, shards):
     run_dir = tmp_path / "run"
     run(
@@ -58,7 +58,7 @@ def test_torchrun_two_processes_see_every_sample_once(tmp_path, shards):
             {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "x"},
             ["--trainer.devices", "1"],
             "SLURM started 2 tasks but --trainer.devices x --trainer.num_nodes = 1 x 1 = 1",
-            marks=pytest.mark.slow,  # the catalogue's slurm-tasks-not-devices row, too
+            marks=pytest.mark.slow,  # a process start; also the catalogue's row 22
         ),
         pytest.param(
             {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "x"},

@@ -52,8 +52,8 @@ def audited(run_dir: Path, data: Path, audit: Path, *args: str) -> list[str]:
     return [*command, "--config", str(audit_overlay(audit.with_suffix(".yaml"), audit))]
 
 
-# litdata's shards 2 -> 1 run by default in tests/test_hosts.py (torchrun's elastic restart
-# on the host left); here they are slow, the docs-style map-style module is not.
+# litdata's shards 2 -> 1 also run in tests/test_hosts.py (torchrun's elastic restart on the
+# host left); here they are slow (out of the quick subset), the map-style module is not.
 @pytest.fixture(
     scope="module", params=[pytest.param("litdata", marks=pytest.mark.slow), "map-style"]
 )

@@ -20,8 +20,9 @@ from conftest import write_shards
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from plain_lightning import DocsStyleModule
 from shard_data import ShardData
-from template_user import PlannedLRModule, mlp
+from template_user import PlannedLRModule
 
 from train_template.errors import UserError
 from train_template.options import LRSchedule, PlanOptions
@@ -54,9 +55,12 @@ def fit(
     warmup_fraction=0.25,
     scale=True,
     global_order=True,
+    docs_module=False,
 ):
+    """A real fit; ``docs_module``: the docs-style module (its own OneCycleLR from
+    ``estimated_stepping_batches``, no dropout) instead of one on the template's LR curve."""
     torch.manual_seed(0)
-    model = PlannedLRModule(lr=BASE_LR)
+    model = DocsStyleModule(lr=BASE_LR, dropout=0.0) if docs_module else PlannedLRModule(BASE_LR)
     schedule = LRSchedule(
         warmup_fraction=warmup_fraction,
         decay="cosine",
@@ -101,12 +105,15 @@ def fit(
     limit=st.one_of(st.none(), st.integers(1, 40), st.floats(0.05, 1.0)),
     epochs=st.integers(1, 3),
     global_order=st.booleans(),
+    docs_module=st.booleans(),
 )
 def test_planned_steps_equal_executed_steps(
-    num_samples, batch_size, drop_last, accumulate, limit, epochs, global_order
+    num_samples, batch_size, drop_last, accumulate, limit, epochs, global_order, docs_module
 ):
     """Both orders: the global order (whole global batches of batch x accumulation) and
-    litdata's own stream (``global_order=False``: Lightning's rule, short last windows)."""
+    litdata's own stream (``global_order=False``: Lightning's rule, short last windows).
+    Both modules: the template's LR curve, and a docs-style module's own OneCycleLR sized
+    from ``estimated_stepping_batches`` (which raises if stepped past its total)."""
     limit = 1.0 if limit is None else limit
     per_batch = batch_size * accumulate if global_order else batch_size
     full_batches = num_samples // per_batch if drop_last else -(-num_samples // per_batch)
@@ -119,6 +126,7 @@ def test_planned_steps_equal_executed_steps(
         limit=limit,
         epochs=epochs,
         global_order=global_order,
+        docs_module=docs_module,
     )
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_shards(Path(tmp), num_samples)
@@ -136,12 +144,51 @@ def test_planned_steps_equal_executed_steps(
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == plan.max_steps
     assert len(recorder.lrs) == plan.max_steps
-    if plan.warmup_steps > 0:
-        assert recorder.lrs[0] == pytest.approx(BASE_LR * 0.01)
-    if plan.max_steps > 1 or plan.warmup_steps == 0:
-        assert recorder.lrs[-1] == pytest.approx(BASE_LR * 0.1)
-    # every batch of every epoch was seen, none twice within an epoch
-    assert len(recorder.batch_ids) == plan.batches_per_epoch * plan.epochs
+    if docs_module:  # OneCycleLR's total is the plan's, and it ends on its final LR
+        assert trainer.estimated_stepping_batches == plan.max_steps
+        assert recorder.lrs[-1] == pytest.approx(BASE_LR / 25 / 1e4)
+    else:
+        if plan.warmup_steps > 0:
+            assert recorder.lrs[0] == pytest.approx(BASE_LR * 0.01)
+        if plan.max_steps > 1 or plan.warmup_steps == 0:
+            assert recorder.lrs[-1] == pytest.approx(BASE_LR * 0.1)
+    # every batch of every epoch was seen, and no sample twice within an epoch but the
+    # padding of a last partial window (drop_last false: the epoch's first samples again)
+    per_epoch = plan.batches_per_epoch
+    assert len(recorder.batch_ids) == per_epoch * plan.epochs
+    for epoch in range(plan.epochs):
+        ids = [i for ids in recorder.batch_ids[epoch * per_epoch :][:per_epoch] for i in ids]
+        assert len(set(ids)) == min(len(ids), num_samples), f"a sample twice in epoch {epoch}"
+
+
+def test_the_readmes_example_runs_three_steps_per_epoch(tmp_path):
+    """N=100, batch 8, accumulation 4, drop_last: the naive ceil(100 / 32) says 4 steps per
+    epoch; Lightning performs 3 (plain Trainer, plain DataLoader), and so does the plan."""
+    from plain_lightning import DigitsDicts
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(DigitsDicts(0, 100), batch_size=8, drop_last=True)
+    plain = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    plain.fit(DocsStyleModule(), loader)
+    trainer, plan, _, _ = fit(
+        write_shards(tmp_path / "shards", 100),
+        batch_size=8,
+        drop_last=True,
+        accumulate=4,
+        limit=1.0,
+        epochs=1,
+        docs_module=True,
+    )
+    assert plain.global_step == plan.steps_per_epoch == trainer.global_step == 3
 
 
 @pytest.mark.parametrize("scale", [True, False])
@@ -158,6 +205,7 @@ def test_short_last_window_gets_the_gradient_of_its_own_batches(tmp_path, scale)
         warmup_fraction=0.0,
         scale=scale,
         global_order=False,  # the global order has whole windows only
+        docs_module=True,  # a module that never heard of the template
     )
     assert plan.steps_per_epoch == 2
     # Recompute the last window's gradient by hand: the mean loss over its one batch,
@@ -167,8 +215,8 @@ def test_short_last_window_gets_the_gradient_of_its_own_batches(tmp_path, scale)
     by_id = {int(s["index"]): s for s in data.datasets["train"]}
     batch = data.collate([by_id[i] for i in recorder.batch_ids[4]])
     torch.manual_seed(0)
-    network = mlp()  # the fitted model's initial weights (same seed, same construction)
-    # Replay step 1 (plain SGD): weights before step 2 = initial - lr_1 * grad_1.
+    network = DocsStyleModule(dropout=0.0).net  # the fitted model's initial weights
+    # Replay step 1 (SGD; momentum's first step is the gradient): initial - lr_1 * grad_1.
     with torch.no_grad():
         for param, grad in zip(network.parameters(), recorder.grads[0].values(), strict=True):
             param -= recorder.lrs[0] * grad

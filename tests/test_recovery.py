@@ -109,7 +109,7 @@ def send_sigterm_mid_window(cmd: list[str], run_dir: Path, after_batches: int) -
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.mark.slow  # the SLURM preemption test saves on SIGTERM and resumes bitwise by default
+@pytest.mark.slow  # a reference run, a SIGTERM and a resume per layout
 @pytest.mark.parametrize(
     "layout",
     [

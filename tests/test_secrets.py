@@ -76,7 +76,7 @@ def test_secrets_are_in_no_file_and_no_output_of_a_local_run(tmp_path, shards):
 
 
 @pytest.mark.s3
-@pytest.mark.slow  # the quick subset stays under 10 minutes; the local run's test is default
+@pytest.mark.slow  # a store, a kill and a resume
 def test_secrets_are_in_no_object_of_a_run_in_object_storage(tmp_path, shards):
     token, key = f"tok-{uuid.uuid4().hex}", f"key-{uuid.uuid4().hex}"
     (tmp_path / "s3").mkdir()

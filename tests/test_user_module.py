@@ -109,9 +109,7 @@ def test_map_style_data_module_gets_an_exact_plan(tmp_path, shards):
     assert scheduler["total_steps"] == last["global_step"] == len(lrs) == 14
 
 
-# slow: the quick subset stays under 10 minutes. By default the map-style sampler's
-# mid-epoch position after a SIGKILL is checked step by step in tests/test_layout_change.py
-# (map-style, 2 -> 1) and a plain module's bitwise resume in tests/test_sharded.py.
+# slow (out of the quick subset; CI runs them): a reference run, a kill and a resume each.
 @pytest.mark.parametrize(
     "world_size",
     [

@@ -230,7 +230,7 @@ def test_lm_sigkill_after_mid_epoch_checkpoint_resumes_bitwise(tmp_path, token_d
 
 
 @pytest.mark.ddp
-@pytest.mark.slow  # torchrun runs by default in tests/test_hosts.py; lm.yaml in the tests above
+@pytest.mark.slow  # two processes under torchrun, then predict
 def test_torchrun_two_processes_run_lm_yaml_and_predict_writes_text(tmp_path, token_data):
 
     _, data, _ = token_data
@@ -284,7 +284,7 @@ def test_torchrun_two_processes_run_lm_yaml_and_predict_writes_text(tmp_path, to
 
 
 @pytest.mark.s3
-@pytest.mark.slow  # the quick subset stays under 10 minutes; test_object_store prepares into s3 by default
+@pytest.mark.slow
 def test_preparation_into_object_storage_is_idempotent(tmp_path):
     """``scripts/prepare_lm_data.py --out s3://...`` (and the digits' ``prepare_data.py``):
     every split and ``dataset.json`` in the store; a second run skips as on a disk."""
@@ -300,15 +300,21 @@ def test_preparation_into_object_storage_is_idempotent(tmp_path):
             "--root", str(Path(json_module.__file__).parent), "--num-workers", "0",
             "--val-percent", "20", "--test-percent", "20",
         ]  # fmt: skip
-        run(prepare_lm, env=store.env)
-        assert "up to date" in run(prepare_lm, env=store.env).stdout
         digits = f"s3://{store.bucket('template-data')}/digits"
         prepare = [PYTHON, str(REPO / "scripts" / "prepare_data.py"), "--out", digits,
                    "--num-workers", "0"]  # fmt: skip
+
+        def objects() -> dict[str, tuple]:
+            listed = store.client().list_objects_v2(Bucket="template-data")["Contents"]
+            return {o["Key"]: (o["ETag"], o["LastModified"], o["Size"]) for o in listed}
+
+        run(prepare_lm, env=store.env)
         run(prepare, env=store.env)
+        written = objects()
+        assert "up to date" in run(prepare_lm, env=store.env).stdout
         assert "up to date" in run(prepare, env=store.env).stdout
-        listed = store.client().list_objects_v2(Bucket="template-data")["Contents"]
-        keys = {entry["Key"] for entry in listed}
+        assert objects() == written, "a second preparation rewrote or added objects"
+        keys = set(written)
         for name in ("lm", "digits"):
             assert f"{name}/dataset.json" in keys
             assert {f"{name}/{split}/index.json" for split in ("train", "val", "test")} <= keys
