@@ -293,6 +293,19 @@ CASES = [
         "--distributed.timeout_s=0.0: must be a positive number of seconds",
     ),
     (
+        "torchrun-nodes-not-num-nodes",
+        "fresh",
+        "data",
+        ["--trainer.devices auto --trainer.num_nodes 3"],
+        {
+            "TORCHELASTIC_RUN_ID": "x",
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "1",
+            "GROUP_WORLD_SIZE": "2",
+        },  # fmt: skip
+        "torchrun started 2 node(s) but --trainer.num_nodes=3: leave --trainer.num_nodes out",
+    ),
+    (
         "root-in-unreachable-object-storage",
         "fresh",
         "data",

@@ -98,6 +98,22 @@ def test_world_size_too_large_for_the_data(tmp_path):
     assert result.returncode == 2 and "fewer than one global batch of 16" in result.stderr
 
 
+@pytest.mark.slow  # four processes started only to be refused
+def test_an_evaluation_split_too_small_for_the_ranks_is_one_line(tmp_path):
+    """docs/errors.md row 46: 16 'val' samples on 4 ranks in batches of 8."""
+    shards = write_shards(tmp_path / "data", 64, num_val=16)
+    args = ["--trainer.accelerator", "cpu", "--trainer.devices", "4", "--data.batch_size", "8"]
+    result = run(train_cmd("fit", tmp_path / "run", shards, *args, config="ddp"), check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors and errors[0].endswith(
+        "the 'val' split has 16 samples: litdata gives each of 4 ranks whole batches of "
+        "--data.batch_size=8, which leaves rank 0 none: use a smaller batch size, fewer "
+        "devices, or more 'val' data"
+    ), result.stderr[-3000:]
+
+
 def test_sbatch_script_is_valid_shell():
     script = REPO / "scripts" / "slurm" / "train.sbatch"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
