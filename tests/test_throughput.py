@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 
 import lightning.pytorch as pl
+import pytest
 from lightning.pytorch.loggers import CSVLogger
 from plain_lightning import DocsStyleModule, MapStyleDataModule
 
@@ -43,3 +44,91 @@ def test_progress_bar_shows_samples_and_items_per_second_and_logs_lightnings_key
     columns = set(rows[0])
     assert {"train/device/samples_per_sec", "train/device/items_per_sec"} <= columns
     assert not {"samples/s", "pixels/s"} & columns  # the bar's copies stay out of the logs
+
+
+def test_flops_are_counted_on_the_first_batch_and_mfu_uses_the_stated_peak(tmp_path, caplog):
+    """The docs-style module states no FLOPs: the first batch is counted as it runs. Its
+    matmuls at batch 16: forward 2*16*64*64 + 2*16*64*10, backward the second layer's
+    input and weight gradients and the first layer's weight gradient (its input needs
+    none): 323,584 FLOPs. A stated peak (this CPU has none in Lightning's table) gives MFU."""
+    peak = 1e9
+    monitor = ThroughputMonitor(peak_flops_per_sec=peak)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        log_every_n_steps=3,
+        limit_val_batches=0,
+        callbacks=[monitor],
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    with caplog.at_level("INFO"):
+        trainer.fit(DocsStyleModule(), MapStyleDataModule(batch_size=16))
+    forward = 2 * 16 * 64 * 64 + 2 * 16 * 64 * 10
+    backward = 2 * (2 * 16 * 10 * 64) + 2 * 16 * 64 * 64
+    assert monitor._flops.per_batch == forward + backward == 323_584
+    assert "first 2 training batches:" in caplog.text and "0.000324 GFLOP per batch" in caplog.text
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    logged = [r for r in rows if r.get("train/device/flops_per_sec")]
+    assert logged, "no FLOP/s logged"
+    for row in logged:
+        flops, samples = (
+            float(row["train/device/flops_per_sec"]),
+            float(row["train/device/samples_per_sec"]),
+        )
+        assert flops == pytest.approx(samples / 16 * 323_584, rel=1e-6)  # full batches only
+        assert float(row["train/device/mfu"]) == pytest.approx(flops / peak, rel=1e-9)
+    bar = trainer.progress_bar_metrics
+    assert bar["TFLOP/s"] > 0 and bar["MFU"] > 0
+
+
+def test_a_module_that_states_its_flops_is_not_counted(tmp_path, caplog):
+    class Stated(DocsStyleModule):
+        flops_per_batch = 1e6
+
+    monitor = ThroughputMonitor()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=9,
+        log_every_n_steps=3,
+        limit_val_batches=0,
+        callbacks=[monitor],
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Stated(), MapStyleDataModule(batch_size=16))
+    assert monitor._flops.per_batch == 1e6
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    assert any(r.get("train/device/flops_per_sec") for r in rows)
+    assert not any(r.get("train/device/mfu") for r in rows)  # a CPU: no known peak
+
+
+def test_a_module_without_countable_flops_gets_the_rest_and_one_line(tmp_path, caplog):
+    import torch
+
+    class Elementwise(DocsStyleModule):
+        def training_step(self, batch, batch_idx):  # no matmul: nothing FLOPs count
+            return ((batch["image"] * self.net[1].bias.mean()) ** 2).mean()
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        log_every_n_steps=3,
+        limit_val_batches=0,
+        callbacks=[ThroughputMonitor()],
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    torch.manual_seed(0)
+    with caplog.at_level("INFO"):
+        trainer.fit(Elementwise(), MapStyleDataModule(batch_size=16))
+    assert (
+        "FLOP/s and MFU are not shown: the FLOPs of a training batch could not be counted (no matmul"
+        in caplog.text
+    )
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    assert any(r.get("train/device/samples_per_sec") for r in rows)
+    assert not any(r.get("train/device/flops_per_sec") for r in rows)

@@ -8,6 +8,7 @@ machine, in one invocation.
 
     .venv/bin/python scripts/bench/bench_lm.py                 # the budget of configs/lm.yaml
     .venv/bin/python scripts/bench/bench_lm.py --tokens 2000000
+    .venv/bin/python scripts/bench/bench_lm.py --compile   # + the template with torch.compile
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def evaluate(network, data: TokenDataModule) -> float:
     return total / count
 
 
-def template(max_tokens: int) -> dict:
+def template(max_tokens: int, compile: bool = False) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="bench-lm-"))
     common = [
         "--config",
@@ -123,7 +124,16 @@ def template(max_tokens: int) -> dict:
     ]
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "train.py", "fit", *common, "--plan.max_tokens", str(max_tokens)],
+        [
+            sys.executable,
+            "train.py",
+            "fit",
+            *common,
+            "--plan.max_tokens",
+            str(max_tokens),
+            "--model.init_args.compile",
+            str(compile).lower(),
+        ],  # fmt: skip
         cwd=REPO,
         check=True,
         capture_output=True,
@@ -156,6 +166,9 @@ def main() -> int:
     parser.add_argument(
         "--tokens", type=int, default=None, help="token budget of both runs (default: lm.yaml's)"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="also the template with torch.compile (blocks)"
+    )
     args = parser.parse_args()
     config = lm_config()
     tokens = args.tokens or config["max_tokens"]
@@ -164,16 +177,25 @@ def main() -> int:
     print(f"  raw loop done: {raw}", file=sys.stderr, flush=True)
     ours = template(tokens)
     print(f"  template done: {ours}", file=sys.stderr, flush=True)
+    rows = [("raw PyTorch loop", raw), ("template (lm.yaml)", ours)]
+    if args.compile:
+        compiled = template(tokens, compile=True)
+        print(f"  compiled done: {compiled}", file=sys.stderr, flush=True)
+        rows.append(("template, compiled", compiled))
     shape = ", ".join(f"{k} {v}" for k, v in config["network"].items())
     print(f"\nLanguage model, {tokens:,} tokens, batch {config['data']['batch_size']}, {shape}")
     print(f"{'':<22}{'steps':>7}{'tokens/s':>11}{'val/loss (nats/byte)':>23}")
-    for name, result in (("raw PyTorch loop", raw), ("template (lm.yaml)", ours)):
+    for name, result in rows:
         print(
             f"{name:<22}{result['steps']:>7}{result['tokens_per_sec']:>11.0f}{result['val_loss']:>23.4f}"
         )
     print(f"\ntemplate / raw throughput: {ours['tokens_per_sec'] / raw['tokens_per_sec']:.3f}x")
     print(f"val/loss difference: {abs(ours['val_loss'] - raw['val_loss']):.4f} nats/byte")
     print(f"template fit wall time (incl. start-up and validation): {ours['train_seconds']:.0f} s")
+    if args.compile:
+        speedup = compiled["tokens_per_sec"] / ours["tokens_per_sec"]
+        print(f"compiled / eager template throughput: {speedup:.3f}x")
+        print(f"compiled fit wall time (incl. compilation): {compiled['train_seconds']:.0f} s")
     return 0
 
 

@@ -8,7 +8,8 @@ the run (a resumed run continues in a new version folder; for a step logged twic
 later launch wins), so a resumed run is drawn whole, and it takes any column names a
 module logs: a column counts as training loss when its name starts with ``train`` and
 contains ``loss``, as validation when it starts with ``val``, as throughput when it ends
-with ``_per_sec``, as learning rate when it starts with ``lr-``. ``train.py plan
+with ``_per_sec`` (FLOP/s and MFU on a second axis of that panel), as learning rate when
+it starts with ``lr-``. ``train.py plan
 --lr_curve`` draws its curve with the same :func:`draw_lr`.
 """
 
@@ -70,8 +71,14 @@ def plot_run(log_root: Path, out: Path, plan: Any = None) -> Path | None:
         "training loss": [c for c in columns if c.startswith("train") and "loss" in c],
         "learning rate": [c for c in columns if c.startswith("lr-")],
         "validation": [c for c in columns if c.startswith("val")],
-        "throughput (per second)": [c for c in columns if c.endswith("_per_sec")],
+        "throughput (per second)": [
+            c for c in columns if c.endswith("_per_sec") and "flops" not in c
+        ],
     }
+    # FLOP/s and MFU share the throughput panel on their own axis (MFU where known).
+    hardware = [c for c in columns if c.endswith("mfu")] or [
+        c for c in columns if c.endswith("flops_per_sec")
+    ]
     figure, grid = plt.subplots(2, 2, figsize=(11, 7))
     for axes, (title, names) in zip(grid.flat, groups.items(), strict=True):
         axes.set_title(title, fontsize=10)
@@ -91,7 +98,13 @@ def plot_run(log_root: Path, out: Path, plan: Any = None) -> Path | None:
                 axes.plot(steps, values, marker="o" if len(steps) < 30 else None, label=name)
                 axes.set_xlabel("optimizer step")
         if title != "learning rate":
-            axes.legend(fontsize=8)
+            axes.legend(fontsize=8, loc="upper left")
+        if title.startswith("throughput") and hardware:
+            twin = axes.twinx()
+            for name in hardware:
+                points = sorted(columns[name].items())
+                twin.plot([s + 1 for s, _ in points], [v for _, v in points], "--", label=name)
+            twin.legend(fontsize=8, loc="lower right")
     figure.suptitle(_title(plan), fontsize=10)
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -198,6 +198,55 @@ def test_token_budget_plans_exactly_the_steps_executed(
     # lm.yaml's ThroughputMonitor, its functions given as import paths, ran and logged
     assert any(r.get("train/samples") for r in metrics(run_dir))
     assert "tokens per optimizer step" in result.stdout + result.stderr
+    # FLOP/s: the LM states no FLOPs, its first batch is counted (no known peak on a CPU)
+    flops = [
+        float(r["train/device/flops_per_sec"])
+        for r in metrics(run_dir)
+        if r.get("train/device/flops_per_sec")
+    ]
+    assert flops and min(flops) > 0
+    assert "GFLOP per batch on this rank" in result.stdout + result.stderr
+
+
+@pytest.mark.slow  # torch.compile on a CPU: about half a minute per launch
+def test_a_compiled_run_resumes_uncompiled_and_exports_clean_names(tmp_path, token_data):
+    """``--model.init_args.compile true``: SIGKILL right after step 4's checkpoint, the
+    relaunch with compile off loads it strictly (Lightning's default) and trains to the
+    end; the checkpoint's and the export's names are the module's own."""
+    from conftest import kill_after_step
+    from safetensors.torch import load_file
+
+    from examples.lm.network import TinyTransformer
+    from train_template.export import weights_of
+
+    _, data, _ = token_data
+    run_dir = tmp_path / "compiled"
+    extra = ["--plan.max_tokens", "2048", "--checkpoint.every_n_train_steps", "4"]
+    kill_after_step(lm_fit(run_dir, data, *extra, "--model.init_args.compile", "true"), 4)
+    weights, step = weights_of(str(run_dir / "checkpoints" / "last.ckpt"))
+    assert step == 4
+    tiny = TinyTransformer(context=CONTEXT, width=32, layers=1, heads=2)  # TINY's network
+    names = {name for name, _ in tiny.named_parameters()}
+    assert {name.removeprefix("network.") for name in weights} >= names
+    assert not any("_orig_mod" in name for name in weights)
+    resumed = run(
+        lm_fit(run_dir, data, *extra, "--model.init_args.compile", "false", "--ckpt_path", "last")
+    )
+    plan = load_plan(run_dir)
+    assert f"resumed at global step 4 of {plan['max_steps']}" in resumed.stdout + resumed.stderr
+    assert weights_of(str(run_dir / "checkpoints" / "last.ckpt"))[1] == plan["max_steps"] > 4
+    run(
+        [
+            PYTHON,
+            str(REPO / "train.py"),
+            "export",
+            "--ckpt_path",
+            str(run_dir / "checkpoints" / "last.ckpt"),
+        ]
+    )
+    exported = load_file(run_dir / "checkpoints" / "last.safetensors")
+    assert not any("_orig_mod" in name for name in exported)
+    assert {name.removeprefix("network.") for name in exported} >= names
 
 
 @pytest.mark.parametrize(

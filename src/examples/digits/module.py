@@ -37,6 +37,7 @@ class ClassifierModule(pl.LightningModule):
         network: nn.Module | None = None,
         num_classes: int = 10,
         optimizer: OptimizerCallable = _adamw,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -44,6 +45,8 @@ class ClassifierModule(pl.LightningModule):
                 (default: ``SmallCNN()`` for 8x8 digits).
             num_classes: Number of classes, for the accuracy metrics.
             optimizer: Optimizer factory; its ``lr`` is the peak LR of ``--lr_schedule``.
+            compile: ``torch.compile`` the network (in place: the parameter names, so the
+                checkpoints, are the same with it on or off).
         """
         super().__init__()
         # No save_hyperparameters(): the CLI saves the full config.yaml beside the logs,
@@ -57,6 +60,13 @@ class ClassifierModule(pl.LightningModule):
         # ranks with unequal validation batch counts cannot hang.
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        self.compile_network = compile
+        self._compiled = False
+
+    def configure_model(self) -> None:
+        if self.compile_network and not self._compiled:
+            self.network.compile()  # nn.Module.compile: in place, no _orig_mod. in names
+            self._compiled = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)

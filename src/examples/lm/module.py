@@ -37,6 +37,7 @@ class LanguageModule(pl.LightningModule):
         new_tokens: int = 200,
         temperature: float = 0.8,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -45,6 +46,8 @@ class LanguageModule(pl.LightningModule):
             new_tokens: Tokens ``predict`` generates per prompt.
             temperature: Sampling temperature of ``predict``.
             seed: Seed of ``predict``'s sampling.
+            compile: ``torch.compile`` each transformer block (in place: the parameter
+                names, so the checkpoints, are the same with it on or off).
         """
         super().__init__()
         self.network = network if network is not None else TinyTransformer()
@@ -54,13 +57,18 @@ class LanguageModule(pl.LightningModule):
         self.seed = seed
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
-        parameters = sum(p.numel() for p in self.network.parameters())
-        self.flops_per_token = 6 * parameters  # forward + backward, for ThroughputMonitor
-        self.flops_per_batch = 0
+        self.compile_blocks = compile
+        self._compiled = False
 
     def configure_model(self) -> None:
-        """Under ``configs/fsdp.yaml`` (a ``ModelParallelStrategy``): FSDP2 shards each block,
-        then the rest (embeddings, tied head), as torchtitan does; unsharded otherwise."""
+        """``compile``: each block compiled on its own, then, under ``configs/fsdp.yaml`` (a
+        ``ModelParallelStrategy``), FSDP2 shards each block and then the rest (embeddings,
+        tied head), as torchtitan does; unsharded otherwise. ``nn.Module.compile`` compiles
+        in place, so no ``_orig_mod.`` enters the parameter names."""
+        if self.compile_blocks and not self._compiled:
+            for block in self.network.blocks:
+                block.compile()
+            self._compiled = True
         mesh = self.device_mesh
         if mesh is None:
             return
@@ -79,7 +87,6 @@ class LanguageModule(pl.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.flops_per_batch = self.flops_per_token * batch[:, :-1].numel()
         # Only on the steps Lightning writes (every log_every_n_steps), as in the digits module.
         if is_logging_step(self.trainer):
             self.log("train/loss", loss, prog_bar=True)
