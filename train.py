@@ -1,4 +1,4 @@
-"""Entry point: ``python train.py {fit,validate,test,predict,plan,export} --config configs/<name>.yaml``."""
+"""Entry point: ``python train.py {fit,validate,test,predict,plan,export,sweep} --config configs/<name>.yaml``."""
 
 from train_template.cli import main
 

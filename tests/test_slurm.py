@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from cluster import FINISHED, slurm_cluster
 from conftest import (
+    MODEL_AND_DATA,
     REPO,
     assert_each_sample_once_per_epoch,
     assert_same_weights,
@@ -215,3 +216,45 @@ def wait_for_restarts(cluster, job_id: str, restarts: int, timeout: float = 120)
     while int(cluster.job(job_id).get("Restarts", 0)) < restarts:
         assert time.monotonic() < deadline, cluster.job(job_id)
         time.sleep(0.1)
+
+
+def test_an_array_of_two_sweep_workers_shares_one_study(cluster, shards, tmp_path):
+    """``sbatch --array=0-1 scripts/slurm/sweep.sbatch``: two array tasks, one on each
+    node, take the trials of one study (its journal file on the shared filesystem) until
+    it has ``n_trials``; each trial is a job step (srun) of its task."""
+    import optuna
+    import yaml
+    from optuna.storages.journal import JournalFileBackend
+
+    sweep_dir = tmp_path / "sweep"
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump(
+            {"sweep": {"space": {"model.init_args.lr": {"float": [0.01, 0.2]}}, "pruner": "none"}}
+        )
+    )
+    args = [
+        *MODEL_AND_DATA, "--data.data_dir", str(shards), "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1",
+        "--config", str(space), "--sweep.dir", str(sweep_dir), "--sweep.n_trials", "4",
+        "--sweep.metric", "val_loss", "--sweep.direction", "minimize",
+    ]  # fmt: skip
+    env = {**os.environ, **cluster.env, "PYTHON": sys.executable}
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", "--nodes", "1", "--ntasks-per-node", "1",
+         str(REPO / "scripts" / "slurm" / "sweep.sbatch"), *args],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    array = submitted.stdout.strip().split(";")[0]
+    for task in ("0", "1"):
+        job = cluster.wait_job(f"{array}_{task}", FINISHED, timeout=400)
+        out = REPO / f"slurm-train-template-sweep-{array}_{task}.out"
+        text = out.read_text() if out.exists() else ""
+        out.unlink(missing_ok=True)
+        assert job["JobState"] == "COMPLETED", (job, text[-4000:])
+        assert f"sweep worker {task} of job {array}" in text
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / "study.journal")))
+    trials = optuna.load_study(study_name="sweep", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4  # n_trials, not one more
+    assert {t.user_attrs["worker"] for t in trials} == {"0", "1"}  # both tasks took trials

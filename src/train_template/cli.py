@@ -175,6 +175,9 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["export"]:  # no model, data or process group: not a Trainer subcommand
         run_export(argv[1:])
         return
+    if argv[:1] == ["sweep"]:  # a study of many fits, each its own process
+        run_sweep(argv[1:])
+        return
     defaults = default_config_files()
     parser_kwargs: dict[str, Any] = {"exit_on_error": False}
     for subcommand in SUBCOMMANDS:
@@ -195,6 +198,16 @@ def run_export(argv: list[str]) -> None:
 
     try:
         export_main(argv)
+    except Exception as error:
+        cli_errors.report(error)
+        raise
+
+
+def run_sweep(argv: list[str]) -> None:
+    from train_template.sweep import main as sweep_main
+
+    try:
+        sweep_main(argv)
     except Exception as error:
         cli_errors.report(error)
         raise

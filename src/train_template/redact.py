@@ -91,6 +91,16 @@ def secrets_in_arguments(args: Iterable[str]) -> set[str]:
     return found
 
 
+def masked_command(args: list[str]) -> str:
+    """A command line to show or store (a sweep's trial): shell-quoted, secrets masked."""
+    import shlex
+
+    shown = shlex.join(args)
+    for secret in secrets_in_arguments(args):
+        shown = shown.replace(secret, MASK)
+    return shown
+
+
 def namespace_redacted(config: Any) -> Any:
     """A jsonargparse Namespace (a run's config) with its secrets masked, as a copy."""
     copy = config.clone()

@@ -94,6 +94,7 @@ from train_template.seam.loop import (
     stop_lookahead_of_a_stateful_stream,
 )
 from train_template.sharding import check_data_parallel
+from train_template.sweep_trial import TrialLink, TrialReporter
 
 
 def template_callbacks(
@@ -109,6 +110,9 @@ def template_callbacks(
     ``predict``: add the writer of ``predictions.csv`` / ``predictions.txt``.
     """
     callbacks: list[Callback] = [RunMachinery(plan, lr_schedule, preemption)]
+    trial = TrialLink.from_env()  # this fit is a trial of a sweep (train.py sweep)
+    if trial is not None and not predict:
+        callbacks.append(TrialReporter(trial))
     if predict:
         from train_template.callbacks import PredictionWriter
 
