@@ -241,10 +241,16 @@ def recorder_config(run_dir: Path) -> Path:
 
 def audit_overlay(path: Path, out_dir: Path) -> Path:
     """A config overlay at ``path`` whose SampleIdRecorder writes into ``out_dir``."""
+    return callback_overlay(path, "train_template.callbacks.SampleIdRecorder", out_dir=out_dir)
+
+
+def callback_overlay(path: Path, class_path: str, **init_args) -> Path:
+    """A config overlay at ``path`` that adds one callback to the trainer's."""
+    arguments = ", ".join(f"{name}: {value}" for name, value in init_args.items())
     path.write_text(
         "trainer:\n  callbacks:\n"
-        "    - class_path: train_template.callbacks.SampleIdRecorder\n"
-        f"      init_args: {{out_dir: {out_dir}}}\n"
+        f"    - class_path: {class_path}\n"
+        f"      init_args: {{{arguments}}}\n"
     )
     return path
 
@@ -317,9 +323,8 @@ def kill_after_checkpoint(
 def kill_after_step(cmd: list[str], step: int, env: dict | None = None) -> None:
     """Run ``cmd`` with ``faults.KillAfterCheckpoint(step)``: the run's process group is
     SIGKILLed from inside at the first batch after step ``step`` (its checkpoint saved)."""
-    from faults import kill_overlay
-
-    overlay = kill_overlay(Path(tempfile.mkdtemp()) / f"kill-after-{step}.yaml", step)
+    overlay = Path(tempfile.mkdtemp()) / f"kill-after-{step}.yaml"
+    callback_overlay(overlay, "faults.KillAfterCheckpoint", step=step)
     result = subprocess.run(
         [*cmd, "--config", str(overlay)],
         capture_output=True,

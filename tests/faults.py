@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import lightning.pytorch as pl
 
@@ -25,13 +24,3 @@ class KillAfterCheckpoint(pl.Callback):
             if os.getpgrp() == os.getpgid(os.getppid()):  # never the group of who started it
                 raise RuntimeError("KillAfterCheckpoint needs a run in its own process group")
             os.killpg(os.getpgrp(), signal.SIGKILL)
-
-
-def kill_overlay(path: Path, step: int) -> Path:
-    """A config overlay at ``path`` that adds ``KillAfterCheckpoint(step)``."""
-    path.write_text(
-        "trainer:\n  callbacks:\n"
-        "    - class_path: faults.KillAfterCheckpoint\n"
-        f"      init_args: {{step: {step}}}\n"
-    )
-    return path

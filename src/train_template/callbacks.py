@@ -21,7 +21,6 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from train_template.flops import BatchFlops, peak_flops_per_sec
 from train_template.seam.loop import is_logging_step
 
-
 # A launch's first batches: the FLOP count runs in the first (torch.compile waits while
 # torch's counting mode is on), compilation in the first or the second.
 WARM_UP_BATCHES = 2

@@ -196,18 +196,19 @@ def main(args: list[str] | None = None) -> None:
 def run_export(argv: list[str]) -> None:
     from train_template.export import main as export_main
 
-    try:
-        export_main(argv)
-    except Exception as error:
-        cli_errors.report(error)
-        raise
+    one_line_errors(export_main, argv)
 
 
 def run_sweep(argv: list[str]) -> None:
     from train_template.sweep import main as sweep_main
 
+    one_line_errors(sweep_main, argv)
+
+
+def one_line_errors(command: Any, argv: list[str]) -> None:
+    """A subcommand outside LightningCLI, with the CLI's one-line user errors."""
     try:
-        sweep_main(argv)
+        command(argv)
     except Exception as error:
         cli_errors.report(error)
         raise
