@@ -300,7 +300,9 @@ def kill_after_checkpoint(
 ) -> int:
     """Start training, SIGKILL its whole process group once last.ckpt reaches min_step
     (``step_of(run_dir)`` reads its step; a local run folder by default). Returns the step
-    of the last.ckpt on disk after the kill (a save may have finished in between)."""
+    a resume starts from: of the newest complete checkpoint on disk after the kill (a save
+    may have finished in between; a top-k file may be newer than last.ckpt)."""
+    local = step_of is None
     step_of = step_of or last_step
     proc = subprocess.Popen(
         cmd,
@@ -317,7 +319,18 @@ def kill_after_checkpoint(
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return step_of(run_dir)
+    return newest_step(Path(run_dir)) if local else step_of(run_dir)
+
+
+def newest_step(run_dir: Path) -> int:
+    """The global step of the newest complete checkpoint of a local run (any file or
+    sharded folder in its checkpoints folder): where ``--ckpt_path last|auto`` resumes."""
+    from train_template.checkpoint_files import checkpoint_progress
+
+    folder = run_dir / "checkpoints"  # what the resolver reads: no partial, no damaged one
+    paths = [*folder.glob("*.ckpt"), *folder.glob("*.ckpt.replaced")]
+    found = [checkpoint_progress(str(p)) for p in paths]
+    return max((progress[0] for progress in found if progress), default=-1)
 
 
 def kill_after_step(cmd: list[str], step: int, env: dict | None = None) -> None:

@@ -9,10 +9,12 @@ server starts in ~2 s and is stopped by its pid at the end, also on failure."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
+import signal
 import subprocess
 
 import pytest
@@ -191,7 +193,8 @@ def test_a_store_outage_ends_the_run_in_one_line_and_the_resume_is_exact(tmp_pat
         step_of = step_in_store(store)
         while step_of(runs) < 8:
             assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        stop_group(store.process, grace=0)  # SIGTERM then SIGKILL, by pid
+        with frozen(process):  # the run cannot end in between: it meets the outage
+            stop_group(store.process, grace=0)  # SIGTERM then SIGKILL, by pid
         assert process.wait(timeout=240) == 1
         log = (tmp_path / "first.log").read_text()
         assert "Traceback" not in log, log[-3000:]
@@ -262,7 +265,8 @@ def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact,
         while (step := step_of(runs)) < outage_at:
             assert training.poll() is None, (tmp_path / "outage.log").read_text()[-3000:]
         assert step < total  # mid-run
-        stop_group(store.process, grace=0)
+        with frozen(training):  # the run cannot end in between: it meets the outage
+            stop_group(store.process, grace=0)
         code = training.wait(timeout=240)
         log = (tmp_path / "outage.log").read_text()
         # The first rank to meet the outage says so in one line; a rank left waiting on
@@ -335,6 +339,19 @@ def object_store_running(store):
     from cluster import running
 
     return running(store)
+
+
+@contextlib.contextmanager
+def frozen(process):
+    """The run's whole process group stopped (SIGSTOP) while the block runs, then
+    continued: what the block does to the store happens between two of the run's steps.
+    Polling the store for a checkpoint takes long enough that a run could otherwise train
+    to its end between the poll and the outage (seen: exit status 0 instead of 1)."""
+    os.killpg(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(process.pid, signal.SIGCONT)
 
 
 def start_fit(command: list[str], env: dict, log):
