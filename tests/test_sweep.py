@@ -45,6 +45,7 @@ def load(sweep_dir: Path):
     return optuna.load_study(study_name="sweep", storage=storage)
 
 
+@pytest.mark.slow  # three trials, each a process (the quick subset keeps the bad sweeps)
 def test_a_sweep_runs_its_trials_as_ordinary_runs(tmp_path, shards):
     sweep_dir = tmp_path / "sweep"
     result = run(sweep_cmd(sweep_dir, shards, "--sweep.n_trials", "3"), timeout=600)
@@ -72,6 +73,7 @@ def test_a_sweep_runs_its_trials_as_ordinary_runs(tmp_path, shards):
     assert (sweep_dir / "trials.csv").is_file() and (sweep_dir / "history.png").is_file()
 
 
+@pytest.mark.slow  # two trial processes
 def test_a_trial_with_a_user_error_fails_in_one_line_and_the_sweep_goes_on(tmp_path, shards):
     sweep_dir = tmp_path / "sweep"
     space = {"data.init_args.batch_size": {"categorical": [0]}}  # refused by every trial
@@ -122,3 +124,88 @@ def test_trials_of_two_processes(tmp_path, shards):
             next(Path(trial.user_attrs["run_dir"]).glob("logs/version_0/plan.json")).read_text()
         )
         assert plan["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sweep.n_trials", "0"], "--sweep.n_trials=0: run at least one trial"),
+        (
+            ["--sweep.space", "{}"],
+            "the sweep has no search space: give sweep: space: in a --config",
+        ),
+        (
+            ["--sweep.space", "{model.init_args.lr: {float: [0.1]}}"],
+            "--sweep.space model.init_args.lr: {'float': [0.1]} is not one of",
+        ),
+        (["--sweep.trials", "3"], "unknown option --sweep.trials: the sweep takes"),
+        (["--sweep.direction", "down"], "--sweep.direction=down: use minimize or maximize"),
+        (["--sweep.metric", "null"], "--sweep.metric: the run has no --checkpoint.monitor"),
+        (
+            [
+                "--checkpoint.monitor",
+                "val_loss",
+                "--sweep.metric",
+                "train_loss",
+                "--sweep.direction",
+                "null",
+            ],
+            "--sweep.direction: give minimize or maximize for --sweep.metric=train_loss (the run's",
+        ),
+    ],
+    ids=[
+        "no-trials",
+        "no-space",
+        "bad-range",
+        "unknown-option",
+        "bad-direction",
+        "no-metric",
+        "no-direction",
+    ],
+)
+def test_a_bad_sweep_is_one_line(tmp_path, shards, args, message, cli_in_process):
+    """docs/errors.md rows 56-62, before any trial starts."""
+    command = sweep_cmd(tmp_path / "sweep", shards, *args)  # the later --sweep.* win
+    status, _, stderr = cli_in_process(command[2:])
+    assert status == 2, stderr[-3000:]
+    assert message in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
+    assert not list((tmp_path / "sweep").glob("trial-*"))
+
+
+def test_a_trial_worse_than_the_median_is_pruned_at_its_epoch_end(tmp_path, shards):
+    """The trial side in a real fit: two finished trials reported val_loss 0.0 after
+    epoch 0, so the median pruner stops a third whose val_loss is worse at that epoch: the
+    run ends after epoch 0 of 5 with its end-of-epoch checkpoint, the trial records it."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+    from plain_lightning import DocsStyleModule
+    from shard_data import ShardData
+
+    from train_template.planned_trainer import PlannedTrainer
+    from train_template.seam.optuna import trial_id
+    from train_template.steps import template_callbacks
+    from train_template.sweep_trial import PRUNED_AT, TrialLink, TrialReporter, make_pruner
+
+    journal = str(tmp_path / "study.journal")
+    storage = optuna.storages.JournalStorage(JournalFileBackend(journal))
+    study = optuna.create_study(study_name="sweep", storage=storage, pruner=make_pruner("median"))
+    for _ in range(2):
+        finished = study.ask()
+        finished.report(0.0, step=0)
+        study.tell(finished, 0.0)
+    trial = study.ask()
+    link = TrialLink(journal, "sweep", trial_id(trial), "val_loss", "median")
+    trainer = PlannedTrainer(
+        default_root_dir=tmp_path / "run",
+        accelerator="cpu",
+        max_epochs=5,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*template_callbacks(), TrialReporter(link)],
+    )
+    trainer.fit(DocsStyleModule(), ShardData(str(shards), batch_size=16))
+    assert trainer.current_epoch == 1 and trainer.global_step == 6  # epoch 0's 6 steps
+    done = study.trials[trial.number]
+    assert done.user_attrs[PRUNED_AT] == 0 and done.intermediate_values[0] > 0
+    assert list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))

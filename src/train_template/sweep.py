@@ -280,14 +280,14 @@ def run_trial(study, frozen, options: SweepOptions, run_args: list[str], metric:
     run_dir = Path(options.dir) / f"trial-{frozen.number:04d}"
     command = trial_command(options, run_args, frozen.params, run_dir)
     shown = redact.masked_command(command)
-    storage, number = storage_of(study), trial_id(frozen)
-    storage.set_trial_user_attr(number, "run_dir", str(run_dir))
-    storage.set_trial_user_attr(number, "command", shown)
+    storage, tid = storage_of(study), trial_id(frozen)
+    storage.set_trial_user_attr(tid, "run_dir", str(run_dir))
+    storage.set_trial_user_attr(tid, "command", shown)
     print(f"sweep: trial {frozen.number} {frozen.params} -> {run_dir}", flush=True)
-    link = TrialLink(options.storage_spec, options.study_name, number, metric, options.pruner)
+    link = TrialLink(options.storage_spec, options.study_name, tid, metric, options.pruner)
     env = {**os.environ, TRIAL_ENV: link.to_env()}
     status, error = run_and_keep_error_line(command, env)
-    done = storage.get_trial(number)
+    done = storage.get_trial(tid)
     stopped = status in (0, 128 + signal.SIGTERM) and PRUNED_AT not in done.user_attrs
     if stopped and not trained_to_its_end(run_dir):
         # A preemption (SIGTERM, or SIGUSR1 and a requeue): the trial saved its checkpoint
@@ -309,7 +309,7 @@ def run_trial(study, frozen, options: SweepOptions, run_args: list[str], metric:
         return
     if status == 0:
         error = f"{metric} was never logged in validation: set --sweep.metric to a metric the module logs"
-    storage.set_trial_user_attr(number, "error", error or f"exit status {status}")
+    storage.set_trial_user_attr(tid, "error", error or f"exit status {status}")
     study.tell(frozen.number, state=TrialState.FAIL)
     print(f"sweep: trial {frozen.number} failed: {error or f'exit status {status}'}", flush=True)
 
