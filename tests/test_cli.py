@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import MODEL_AND_DATA, REPO, load_plan, run, train_cmd, write_shards
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+SWEEP_CONFIGS = [REPO / "configs" / "sweep.yaml"]  # train.py sweep's, not a run's
+CONFIGS = sorted(set((REPO / "configs").glob("*.yaml")) - set(SWEEP_CONFIGS))
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,15 @@ def test_every_shipped_config_parses_with_any_model_and_data(config, cli_in_proc
     )
     if config.name == "ddp.yaml":
         assert "strategy: ddp" in printed
+
+
+def test_the_shipped_sweep_config_is_the_sweeps_alone(tmp_path):
+    """configs/sweep.yaml holds only a ``sweep:`` block: the sweep takes it whole (a valid
+    search space), and no trial gets it."""
+    from train_template.sweep import parse
+
+    options, run_args = parse(["--config", str(SWEEP_CONFIGS[0]), "--sweep.dir", str(tmp_path)])
+    assert run_args == [] and options.space and options.n_trials >= 1
 
 
 HARMLESS = ("LeafSpec", "has `__len__` defined", "litmodels", "LitLogger", "Create an account")

@@ -87,3 +87,33 @@ def test_prepare_data_with_a_bad_source(tmp_path):
         "pass 'digits' or the path of an .npz with 'images' and 'labels'"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # three trial processes
+def test_a_sweep_of_the_digits_with_the_shipped_sweep_config(tmp_path, digits_dir):
+    """``train.py sweep --config configs/default.yaml --config configs/sweep.yaml``: the
+    shipped search space (the optimizer's LR, the batch size) over the example, the metric
+    and direction from its checkpoint monitor (val/acc, max)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    sweep_dir = tmp_path / "sweep"
+    command = digits_cmd("sweep", tmp_path / "unused", digits_dir, "--trainer.max_epochs", "2")
+    command = [
+        arg
+        for arg in command
+        if arg not in ("--trainer.default_root_dir", str(tmp_path / "unused"))
+    ]
+    command += ["--config", str(REPO / "configs" / "sweep.yaml"), "--sweep.n_trials", "3"]
+    command += ["--sweep.dir", str(sweep_dir)]
+    result = run(command, timeout=900)
+    assert "maximize val/acc" in result.stdout
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / "study.journal")))
+    study = optuna.load_study(study_name="sweep", storage=storage)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert len({t.params["model.init_args.optimizer.init_args.lr"] for t in trials}) == 3
+    for trial in trials:
+        assert 0.5 < trial.value <= 1.0  # val/acc after 2 epochs
+        assert (Path(trial.user_attrs["run_dir"]) / "checkpoints" / "last.ckpt").is_file()
+    assert study.best_trial.value == max(t.value for t in trials)
