@@ -224,7 +224,8 @@ def test_an_array_of_two_sweep_workers_shares_one_study(cluster, shards, tmp_pat
     it has ``n_trials``; each trial is a job step (srun) of its task."""
     import optuna
     import yaml
-    from optuna.storages.journal import JournalFileBackend
+
+    from train_template.sweep_trial import open_storage
 
     sweep_dir = tmp_path / "sweep"
     space = tmp_path / "space.yaml"
@@ -254,7 +255,7 @@ def test_an_array_of_two_sweep_workers_shares_one_study(cluster, shards, tmp_pat
         out.unlink(missing_ok=True)
         assert job["JobState"] == "COMPLETED", (job, text[-4000:])
         assert f"sweep worker {task} of job {array}" in text
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / "study.journal")))
+    storage = open_storage(str(sweep_dir / "study.journal"))
     trials = optuna.load_study(study_name="sweep", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4  # n_trials, not one more
     assert {t.user_attrs["worker"] for t in trials} == {"0", "1"}  # both tasks took trials

@@ -39,9 +39,10 @@ def sweep_cmd(sweep_dir: Path, data: Path, *extra: str, space: dict = SPACE) -> 
 
 def load(sweep_dir: Path):
     import optuna
-    from optuna.storages.journal import JournalFileBackend
 
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / "study.journal")))
+    from train_template.sweep_trial import open_storage
+
+    storage = open_storage(str(sweep_dir / "study.journal"))
     return optuna.load_study(study_name="sweep", storage=storage)
 
 
@@ -177,17 +178,22 @@ def test_a_trial_worse_than_the_median_is_pruned_at_its_epoch_end(tmp_path, shar
     epoch 0, so the median pruner stops a third whose val_loss is worse at that epoch: the
     run ends after epoch 0 of 5 with its end-of-epoch checkpoint, the trial records it."""
     import optuna
-    from optuna.storages.journal import JournalFileBackend
     from plain_lightning import DocsStyleModule
     from shard_data import ShardData
 
     from train_template.planned_trainer import PlannedTrainer
     from train_template.seam.optuna import trial_id
     from train_template.steps import template_callbacks
-    from train_template.sweep_trial import PRUNED_AT, TrialLink, TrialReporter, make_pruner
+    from train_template.sweep_trial import (
+        PRUNED_AT,
+        TrialLink,
+        TrialReporter,
+        make_pruner,
+        open_storage,
+    )
 
     journal = str(tmp_path / "study.journal")
-    storage = optuna.storages.JournalStorage(JournalFileBackend(journal))
+    storage = open_storage(journal)
     study = optuna.create_study(study_name="sweep", storage=storage, pruner=make_pruner("median"))
     for _ in range(2):
         finished = study.ask()

@@ -95,7 +95,8 @@ def test_a_sweep_of_the_digits_with_the_shipped_sweep_config(tmp_path, digits_di
     shipped search space (the optimizer's LR, the batch size) over the example, the metric
     and direction from its checkpoint monitor (val/acc, max)."""
     import optuna
-    from optuna.storages.journal import JournalFileBackend
+
+    from train_template.sweep_trial import open_storage
 
     sweep_dir = tmp_path / "sweep"
     command = digits_cmd("sweep", tmp_path / "unused", digits_dir, "--trainer.max_epochs", "2")
@@ -108,7 +109,7 @@ def test_a_sweep_of_the_digits_with_the_shipped_sweep_config(tmp_path, digits_di
     command += ["--sweep.dir", str(sweep_dir)]
     result = run(command, timeout=900)
     assert "maximize val/acc" in result.stdout
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(sweep_dir / "study.journal")))
+    storage = open_storage(str(sweep_dir / "study.journal"))
     study = optuna.load_study(study_name="sweep", storage=storage)
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
