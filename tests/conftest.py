@@ -234,6 +234,16 @@ def run(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bo
     return result
 
 
+def error_line(stderr: str) -> str:
+    """Rank 0's ``error:`` line, else the last ``error (rank N):`` line. Every rank that
+    fails prints its own line, in whatever order the processes reach stderr; after them
+    gloo's threads may still print "terminate called without an active exception" at
+    interpreter exit (the exit status stays 2)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert lines, stderr[-3000:]
+    return next((line for line in lines if line.startswith("error:")), lines[-1])
+
+
 def recorder_config(run_dir: Path) -> Path:
     """A config overlay that adds the sample-id audit callback."""
     return audit_overlay(run_dir.parent / f"{run_dir.name}-audit.yaml", run_dir / "samples")

@@ -12,7 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, fill, kill_after_checkpoint, last_step, run, train_cmd, write_shards
+from conftest import (
+    REPO,
+    error_line,
+    fill,
+    kill_after_checkpoint,
+    last_step,
+    run,
+    train_cmd,
+    write_shards,
+)
 
 from train_template.checkpoint_files import checkpoint_progress, newest_complete_checkpoint
 
@@ -60,9 +69,11 @@ def test_a_full_disk_ends_the_run_in_one_line_and_the_relaunch_resumes(
     else:
         status, _, stderr = cli_in_process([*fit[2:], "--ckpt_path", "auto"])
     assert status == 2, stderr[-3000:]
-    line = next(line for line in reversed(stderr.splitlines()) if line.startswith("error"))
+    line = error_line(stderr)
     assert line.startswith(f"error: cannot save checkpoint {checkpoints}/"), line
     assert "No space left on device (it needs about" in line and "free there)" in line
+    for other in (e for e in stderr.splitlines() if e.startswith("error (rank")):
+        assert "cannot save checkpoint" in other and "No space left on device" in other, other
     assert "Traceback" not in stderr
     assert not list(checkpoints.glob("*.partial"))  # nothing partial under any name
     assert {p.name: checkpoint_progress(str(p)) for p in checkpoints.glob("*.ckpt")} == before

@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import (
     audit_overlay,
+    error_line,
     kill_after_checkpoint,
     last_step,
     run,
@@ -53,12 +54,6 @@ ONE = ["--trainer.devices", "1"]
 def sharded(run_dir: Path, data: Path, audit: Path, *args: str) -> list[str]:
     command = train_cmd("fit", run_dir, data, *SHARDED, *args, config="fsdp")
     return [*command, "--config", str(audit_overlay(audit.with_suffix(".yaml"), audit))]
-
-
-def error_line(stderr: str) -> str:
-    """The last ``error`` line: after it, gloo's threads may still print "terminate called
-    without an active exception" at interpreter exit (the exit status stays 2)."""
-    return next(line for line in reversed(stderr.splitlines()) if line.startswith("error"))
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
