@@ -177,7 +177,7 @@ CASES = [
         "data",
         [*RESUME, "--data.shuffle false"],
         {},
-        "--data.shuffle True -> False",
+        "--data.shuffle true -> false",
     ),
     (
         "resume-changed-order",
@@ -185,7 +185,23 @@ CASES = [
         "data",
         [*RESUME, "--data.global_order false"],
         {},
-        "--data.global_order True -> False",
+        "--data.global_order true -> false",
+    ),
+    (
+        "resume-changed-shuffle-window",
+        "earlier",
+        "data",
+        [*RESUME, "--plan.shuffle_window 8"],
+        {},
+        "(--plan.shuffle_window 64 -> 8)",
+    ),
+    (
+        "bad-shuffle-window",
+        "fresh",
+        "data",
+        ["--plan.shuffle_window 0"],
+        {},
+        "--plan.shuffle_window=0: must be at least 1 (or null: one permutation of all samples)",
     ),
     (
         "resume-changed-batch-size",

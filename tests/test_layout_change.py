@@ -24,8 +24,10 @@ from conftest import (
     train_cmd,
     write_shards,
 )
+from litdata import StreamingDataset
 
 from train_template.order import GlobalOrder
+from train_template.seam.litdata import chunk_sizes
 
 pytestmark = pytest.mark.ddp
 
@@ -35,6 +37,8 @@ ON_ANY_LAYOUT = [
     "--trainer.max_epochs", "2",
     "--trainer.precision", "32-true",
     "--checkpoint.every_n_train_steps", "3",
+    # windows of 2 blocks: 4 KB chunks of ~45 samples, or 50 indices of the map-style data
+    "--plan.shuffle_window", "2", "--plan.shuffle_block", "50",
 ]  # fmt: skip
 ONE_RANK = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
 # A module and a map-style data module written as Lightning's docs show, that never heard
@@ -60,7 +64,7 @@ def audited(run_dir: Path, data: Path, audit: Path, *args: str) -> list[str]:
 def reference(request, tmp_path_factory):
     """The uninterrupted run, on one process (the order is the same on every layout)."""
     root = tmp_path_factory.mktemp("layout-change")
-    data = write_shards(root / "data", 203)
+    data = write_shards(root / "data", 203, chunk_bytes="4KB")
     source = [] if request.param == "litdata" else MAP_STYLE
     reference = audited(
         root / "reference", data, root / "reference-audit", *ONE_RANK, *source,
@@ -68,7 +72,9 @@ def reference(request, tmp_path_factory):
     )  # fmt: skip
     run(reference, env=ENV)
     num_samples = 203 if request.param == "litdata" else 403
-    return data, source, num_samples, steps_of(root / "reference-audit")
+    blocks = chunk_sizes(StreamingDataset(str(data / "train"))) if not source else 50
+    assert blocks == 50 or len(blocks) > 3  # more windows than one
+    return data, source, num_samples, blocks, steps_of(root / "reference-audit")
 
 
 @pytest.mark.parametrize(
@@ -84,7 +90,7 @@ def reference(request, tmp_path_factory):
 def test_a_resume_on_another_world_size_trains_every_step_on_the_same_samples(
     tmp_path, reference, before, after, cli_in_process
 ):
-    data, source, num_samples, expected = reference
+    data, source, num_samples, blocks, expected = reference
     run_dir = tmp_path / "run"
     killed_at = kill_after_checkpoint(
         audited(run_dir, data, tmp_path / "first", *before, *source), run_dir, 5, env=ENV
@@ -101,8 +107,9 @@ def test_a_resume_on_another_world_size_trains_every_step_on_the_same_samples(
     for key, (ids, lr) in expected.items():
         assert steps[key][0] == ids, key  # the same samples ...
         assert steps[key][1] == pytest.approx(lr, rel=1e-12), key  # ... and the same LR
-    # The real loader trains the pure order: step s of epoch e is its window of positions.
-    order = GlobalOrder(num_samples, 16, seed=42)
+    # The real loader trains the pure order (2-block windows of the data's chunks, or of
+    # 50 indices): step s of epoch e is its window of positions.
+    order = GlobalOrder(num_samples, 16, seed=42, shuffle_window=2, block_sizes=blocks)
     for (epoch, step), (ids, _) in expected.items():
         assert ids == sorted(order.step_samples(epoch, step - epoch * order.steps_per_epoch))
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)

@@ -1,16 +1,22 @@
 """The global sample order (``--data.global_order``): every optimizer step trains on the same
 set of samples on every layout, and a resume at any step from any layout to any other
-continues it exactly. Pure arithmetic over many layouts, in microseconds."""
+continues it exactly, in every shape of its blockwise shuffle (chunks of any sizes or
+blocks of consecutive indices, windows of any number of blocks, or one permutation of all
+indices). Pure arithmetic over many layouts, in microseconds."""
 
 from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from train_template.order import GlobalOrder, accumulation_of
+
+# The shapes of the shuffle: (shuffle_window, block_sizes); chunk sizes are drawn per test.
+SHAPES = [(None, 1024), (64, 1024), (1, 7), (2, 7), (3, 50), (2, "chunks"), (5, "chunks")]
 
 GLOBAL_BATCH = 48
 # (world size, batch per device) pairs that share one global batch of 48
@@ -34,9 +40,24 @@ def steps_of(order, epoch, world_size, batch_size, start_step=0):
     return {step: sorted(ids) for step, ids in steps.items()}
 
 
+def order_of(num_samples, shape, seed=0, drop_last=False, chunks_seed=0):
+    """A GlobalOrder of ``shape``; "chunks": irregular chunk sizes (some empty) summing
+    to ``num_samples``."""
+    window, blocks = shape
+    if blocks == "chunks":
+        rng = np.random.default_rng(chunks_seed)
+        cuts = np.sort(rng.integers(0, num_samples + 1, size=max(1, num_samples // 20)))
+        blocks = np.diff(np.concatenate([[0], cuts, [num_samples]])).tolist()
+    return GlobalOrder(
+        num_samples, GLOBAL_BATCH, seed=seed, drop_last=drop_last,
+        shuffle_window=window, block_sizes=blocks,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_every_layout_trains_every_step_on_the_same_samples(drop_last):
-    order = GlobalOrder(1000, GLOBAL_BATCH, seed=3, drop_last=drop_last)
+def test_every_layout_trains_every_step_on_the_same_samples(drop_last, shape):
+    order = order_of(1000, shape, seed=3, drop_last=drop_last)
     reference = steps_of(order, 0, 1, GLOBAL_BATCH)
     assert len(reference) == order.steps_per_epoch == (20 if drop_last else 21)
     for world_size, batch_size in LAYOUTS:
@@ -55,21 +76,30 @@ def test_every_layout_trains_every_step_on_the_same_samples(drop_last):
     after=st.sampled_from(LAYOUTS),
     stop=st.floats(0, 1),
     drop_last=st.booleans(),
+    shape=st.sampled_from(SHAPES),
+    epoch=st.integers(0, 3),
 )
 def test_a_resume_at_any_step_on_any_layout_continues_the_epoch(
-    num_samples, before, after, stop, drop_last
+    num_samples, before, after, stop, drop_last, shape, epoch
 ):
-    order = GlobalOrder(num_samples, GLOBAL_BATCH, seed=1, drop_last=drop_last)
+    order = order_of(num_samples, shape, seed=1, drop_last=drop_last, chunks_seed=num_samples)
     steps = order.steps_per_epoch
     resume_at = int(stop * steps)
-    reference = steps_of(order, 0, 1, GLOBAL_BATCH)
-    prefix = {s: ids for s, ids in steps_of(order, 0, *before).items() if s < resume_at}
-    suffix = steps_of(order, 0, *after, start_step=resume_at)
+    reference = steps_of(order, epoch, 1, GLOBAL_BATCH)
+    prefix = {s: ids for s, ids in steps_of(order, epoch, *before).items() if s < resume_at}
+    # A fresh order object: a resumed process builds nothing before its first step.
+    resumed = order_of(num_samples, shape, seed=1, drop_last=drop_last, chunks_seed=num_samples)
+    suffix = steps_of(resumed, epoch, *after, start_step=resume_at)
     assert set(prefix).isdisjoint(suffix) and {**prefix, **suffix} == reference
+    seen = [i for ids in reference.values() for i in ids]
+    distinct = min(num_samples, order.steps_per_epoch * GLOBAL_BATCH)
+    assert len(set(seen)) == distinct  # no sample skipped ...
+    assert len(seen) - distinct == (0 if drop_last else len(seen) - num_samples)  # ... or repeated
 
 
-def test_chained_resumes_and_the_next_epoch():
-    order = GlobalOrder(500, GLOBAL_BATCH, seed=7)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_chained_resumes_and_the_next_epoch(shape):
+    order = order_of(500, shape, seed=7)
     epoch0 = steps_of(order, 0, 1, GLOBAL_BATCH)
     chained = {
         **{s: v for s, v in steps_of(order, 0, 4, 4).items() if s < 3},  # 4 ranks
@@ -95,7 +125,7 @@ def test_loader_workers_hand_out_the_ranks_batches_in_order(workers):
 
     from train_template.order import GlobalOrderSampler
 
-    order = GlobalOrder(203, GLOBAL_BATCH, seed=5)
+    order = order_of(203, (2, 7), seed=5)  # 29 blocks, 15 windows
     for world_size, batch_size, rank, start in ((1, 48, 0, 0), (4, 6, 3, 2), (3, 8, 1, 4)):
         sampler = GlobalOrderSampler(order, world_size, rank, batch_size, start_step=start)
         loader = DataLoader(
@@ -117,3 +147,51 @@ def test_an_epoch_smaller_than_a_global_batch_fills_its_window_by_repeating():
         window = order.step_samples(0, 0).tolist()
         assert len(window) == 8 and set(window) == set(range(num_samples))
         assert window[num_samples:] == (window[:num_samples] * 8)[: 8 - num_samples]
+
+
+def test_a_window_of_none_is_the_order_of_checkpoints_before_windows():
+    """``--plan.shuffle_window null`` is bitwise the previous order (one permutation of
+    every index, seeded by [seed, epoch]): a checkpoint written before windows resumes in
+    its own order (the resume check refuses it otherwise: tests/test_resume.py)."""
+    for epoch in range(3):
+        order = GlobalOrder(1000, GLOBAL_BATCH, seed=11, shuffle_window=None)
+        before = np.random.default_rng([11, epoch]).permutation(1000)
+        assert order.epoch_order(epoch)[:1000].tolist() == before.tolist()
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_each_global_batch_reads_the_blocks_of_at_most_two_windows(window):
+    """Chunk locality: the ranks read a window of blocks at a time; a global batch reads
+    at most the blocks of the two windows it straddles, and over an epoch every block's
+    items are read in one run of consecutive steps (about one download per chunk). Chunks
+    of 60-140 items, each more than a global batch of 48, as real chunks are."""
+    sizes = np.random.default_rng(5).integers(60, 141, size=20)
+    sizes[-1] += 2000 - sizes.sum()
+    order = GlobalOrder(2000, GLOBAL_BATCH, seed=2, shuffle_window=window, block_sizes=sizes)
+    starts = order._block_starts()
+    block_of = np.searchsorted(starts, np.arange(2000), side="right") - 1
+    steps_reading = {}
+    for step in range(order.steps_per_epoch):
+        blocks = set(block_of[order.step_samples(0, step)].tolist())
+        assert len(blocks) <= 2 * window
+        for block in blocks:
+            steps_reading.setdefault(block, []).append(step)
+    padded_last = order.steps_per_epoch - 1  # it also reads the epoch's first samples again
+    for block, steps in steps_reading.items():
+        steps = [s for s in steps if s != padded_last] or steps
+        assert steps == list(range(steps[0], steps[-1] + 1)), block
+
+
+def test_a_billion_samples_cost_a_rank_megabytes_and_any_step_is_reachable():
+    """The order of 1e9 samples, read at step 900,000 of 976,563 as a resumed rank of 8
+    would: what it builds is one int64 per block and two windows of items (no array of
+    num_samples), and the rank's micro-batch is its share of the step's global batch."""
+    order = GlobalOrder(10**9, 1024, seed=3)  # default window and block
+    batches = order.rank_batches(0, 8, 5, 128, start_step=900_000)
+    first = next(batches)
+    assert len(first) == 128 and len(set(first)) == 128
+    arrays = [a for v in order._built.values() for a in (v if isinstance(v, tuple) else [v])]
+    held = sum(a.nbytes for a in arrays)
+    assert held < 24 * 2**20, held  # 1e9 / 1024 blocks: 7.6 MB of block order, 0.5 MB a window
+    step = order.step_samples(0, 900_000)
+    assert first == step[5 * 128 : 6 * 128].tolist()

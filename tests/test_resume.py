@@ -210,3 +210,42 @@ def test_ddp_padded_rank_resumes_exactly_inside_and_before_its_padding(tmp_path)
         assert a["global_step"] == b["global_step"] == 42
         for name, tensor in a["state_dict"].items():
             assert torch.equal(tensor, b["state_dict"][name]), name
+
+
+@pytest.mark.slow  # three short fits
+def test_a_checkpoint_of_the_order_before_windows_resumes_in_it_or_is_refused(tmp_path, shards):
+    """A checkpoint written before the blockwise shuffle (its plan's data order has no
+    shuffle window; made here by removing the key from a run of that order, which is all
+    that differs) is never silently reshuffled: the default window is refused in one line
+    (docs/errors.md row 65) that names the option, ``--plan.shuffle_window null``
+    continues it exactly in its own order, one permutation of all 403 samples per epoch."""
+    from train_template.order import GlobalOrder
+
+    old_order = ["--plan.shuffle_window", "null", "--trainer.max_epochs", "2"]
+    every = ["--checkpoint.every_n_train_steps", "7"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run(fit_args(reference, shards, *old_order, *every))
+    killed_at = kill_after_checkpoint(fit_args(resumed, shards, *old_order, *every), resumed, 60)
+    assert killed_at % 51 != 0  # mid-epoch
+    last = resumed / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    data_order = checkpoint["callbacks"]["RunMachinery"]["plan"]["data_order"]
+    del data_order["shuffle_window"], data_order["shuffle_block"]
+    torch.save(checkpoint, last)
+    before = last.read_bytes()
+
+    refused = run(
+        fit_args(resumed, shards, "--trainer.max_epochs", "2", *every, "--ckpt_path", "last"),
+        check=False,
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the checkpoint was trained with another plan"), line
+    assert "(--plan.shuffle_window null -> 64)" in line, line
+    assert last.read_bytes() == before
+
+    run(fit_args(resumed, shards, *old_order, *every, "--ckpt_path", "last"))
+    assert_same_run(reference, resumed)
+    full = GlobalOrder(403, 8, seed=42, shuffle_window=None)
+    for epoch, order in enumerate(epoch_orders(reference)):
+        assert order == full.epoch_order(epoch).tolist()

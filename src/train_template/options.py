@@ -13,6 +13,12 @@ from typing import Literal
 
 from train_template.errors import PlanError
 
+# The global order's defaults (order.py): a window of 64 blocks is a full shuffle of any
+# dataset of up to 64 chunks (or 64 Ki samples without chunks); docs/benchmarks.md
+# measures what it keeps of one beyond.
+SHUFFLE_WINDOW = 64
+SHUFFLE_BLOCK = 1024
+
 
 @dataclass
 class PlanOptions:
@@ -30,6 +36,20 @@ class PlanOptions:
     scale_partial_accumulation: bool = True
     """Give the epoch's last, short accumulation window the mean gradient of the batches it
     holds (Lightning divides its loss by the full window size, Lightning #19987)."""
+    shuffle_window: int | None = SHUFFLE_WINDOW
+    """Global sample order: blocks (a dataset's chunks) shuffled together per epoch; a rank
+    reads about two windows of blocks at a time. ``null``: one permutation of all samples
+    (the order of checkpoints written before windows; memory grows with the dataset)."""
+    shuffle_block: int = SHUFFLE_BLOCK
+    """Global sample order, datasets without chunks: consecutive indices per block."""
+
+    def check_order(self) -> None:
+        """The global order's window and block: whole positive numbers."""
+        for name in ("shuffle_window", "shuffle_block"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                hint = " (or null: one permutation of all samples)" if "window" in name else ""
+                raise PlanError(f"--plan.{name}={value}: must be at least 1{hint}")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The sample order of a run, defined over global positions: the same on every layout.
 
-Epoch ``e`` is one permutation of the sample indices (seeded by the data seed and ``e``),
+Epoch ``e`` is a seeded shuffle of the sample indices (seeded by the data seed and ``e``),
 cut into global batches of ``global_batch_size`` positions; optimizer step ``s`` of the
 epoch trains on positions ``[s * G, (s + 1) * G)``. Each layout (world size ``W``, batch
 per device ``b``, accumulation ``a``, with ``W * b * a = G``) reads its share of that window:
@@ -9,41 +9,71 @@ set of samples of every optimizer step is a property of the run, not of the layo
 resumed on another number of devices trains every later step on exactly the samples the
 uninterrupted run had, in the interrupted epoch and every later one.
 
+The shuffle is blockwise, so that its cost and its reads do not grow with the dataset:
+the indices fall into blocks (a dataset's chunks, whose items are stored together, or
+``shuffle_block`` consecutive indices for a dataset without chunks); an epoch permutes
+the blocks, cuts the permuted blocks into windows of ``shuffle_window`` blocks and
+permutes the items within each window. A position maps to its window by one binary
+search, and only the windows a rank is reading are ever built: memory per rank is one
+int64 per block plus one window's items, and a rank jumps to any step without building
+its epoch. At any time all ranks read the blocks of one or two windows: a node downloads
+each remote chunk about once per epoch when its cache holds two windows. A window of all
+blocks is a full shuffle; ``shuffle_window=None`` is one permutation of every index, the
+order of checkpoints written before windows existed (kept so that they resume in it).
+
 Every epoch holds the same number of whole global batches on every layout: without
 ``drop_last`` the last window is completed with the epoch's first samples (they are seen
 twice that epoch), with it the tail of fewer than ``G`` samples waits for another epoch.
-Pure numpy arithmetic; the cost is one permutation of ``num_samples`` int64 per rank
-(8 bytes a sample) and reads across all chunks (no chunk locality).
+Pure numpy arithmetic.
 
 The option that selects it is ``--data.global_order`` (default on; unrelated to torchrun's
 "elastic" mode, which restarts workers on the nodes left: this order is what lets such a
-restart continue exactly). :class:`GlobalOrderSampler` is one rank's share as a torch
-``Sampler``: ``order_loader.py`` puts
-it where Lightning would put its ``DistributedSampler``, for any map-style train loader.
+restart continue exactly); ``--plan.shuffle_window`` and ``--plan.shuffle_block`` shape
+it. :class:`GlobalOrderSampler` is one rank's share as a torch ``Sampler``:
+``order_loader.py`` puts it where Lightning would put its ``DistributedSampler``, for any
+map-style train loader.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from train_template.errors import PlanError
 from train_template.layout import TrainLayout, accumulation_for, train_layout
+from train_template.options import SHUFFLE_BLOCK, SHUFFLE_WINDOW
+
+_RNG_BLOCKS, _RNG_WINDOW = 1, 2  # the two streams of a windowed epoch's seed
 
 
 @dataclass(frozen=True)
 class GlobalOrder:
-    """Which samples every optimizer step of every epoch trains on."""
+    """Which samples every optimizer step of every epoch trains on.
+
+    ``block_sizes``: the items of each block in index order (a dataset's chunks), or one
+    size for blocks of consecutive indices. ``shuffle_window``: blocks shuffled together;
+    None: one permutation of all indices."""
 
     num_samples: int
     global_batch_size: int
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = False
+    shuffle_window: int | None = SHUFFLE_WINDOW
+    block_sizes: Sequence[int] | int = SHUFFLE_BLOCK
+    _built: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_sizes, int):
+            sizes = np.asarray(self.block_sizes, dtype=np.int64)
+            if sizes.sum() != self.num_samples or (sizes < 0).any():
+                raise ValueError(
+                    f"blocks of {int(sizes.sum())} items for a dataset of {self.num_samples}"
+                )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -51,33 +81,120 @@ class GlobalOrder:
             return self.num_samples // self.global_batch_size
         return math.ceil(self.num_samples / self.global_batch_size)
 
+    def indices(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """The sample indices at global positions ``[start, stop)`` of ``epoch``. Positions
+        past the dataset wrap to the epoch's start (the completed last global batch)."""
+        parts = []
+        while start < stop:
+            first = start % self.num_samples
+            take = min(stop - start, self.num_samples - first)
+            parts.append(self._unwrapped(epoch, first, first + take))
+            start += take
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Sample indices by global position, ``steps_per_epoch * G`` of them."""
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-        else:
-            order = np.arange(self.num_samples)
-        needed = self.steps_per_epoch * self.global_batch_size
-        # Complete the last window from the epoch's start, cyclically: an epoch smaller than
-        # the window's shortfall repeats its samples (np.resize tiles the order).
-        return np.resize(order, needed) if needed > len(order) else order[:needed]
+        """Sample indices by global position, ``steps_per_epoch * G`` of them (the whole
+        epoch at once: for tests and small data; a rank reads :meth:`indices`)."""
+        return self.indices(epoch, 0, self.steps_per_epoch * self.global_batch_size)
 
     def step_samples(self, epoch: int, step: int) -> np.ndarray:
         """The samples optimizer step ``step`` (0-based, in the epoch) trains on."""
         start = step * self.global_batch_size
-        return self.epoch_order(epoch)[start : start + self.global_batch_size]
+        return self.indices(epoch, start, start + self.global_batch_size)
 
     def rank_batches(
         self, epoch: int, world_size: int, rank: int, batch_size: int, start_step: int = 0
     ) -> Iterator[list[int]]:
         """This rank's micro-batches from ``start_step`` to the end of the epoch."""
         accumulate = accumulation_of(self.global_batch_size, world_size, batch_size)
-        order = self.epoch_order(epoch)
         per_micro = world_size * batch_size
         for step in range(start_step, self.steps_per_epoch):
             for micro in range(accumulate):
                 first = step * self.global_batch_size + micro * per_micro + rank * batch_size
-                yield order[first : first + batch_size].tolist()
+                yield self.indices(epoch, first, first + batch_size).tolist()
+
+    def _unwrapped(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Indices at positions ``0 <= start < stop <= num_samples``."""
+        if not self.shuffle:
+            return np.arange(start, stop, dtype=np.int64)
+        if self.shuffle_window is None:
+            return self._full_permutation(epoch)[start:stop]
+        blocks, window_starts = self._epoch_blocks(epoch)
+        parts = []
+        window = int(np.searchsorted(window_starts, start, side="right")) - 1
+        while start < stop:
+            items = self._window_items(epoch, window, blocks)
+            offset = start - int(window_starts[window])
+            take = min(stop - start, len(items) - offset)
+            parts.append(items[offset : offset + take])
+            start += take
+            window += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _full_permutation(self, epoch: int) -> np.ndarray:
+        key = ("full", epoch)
+        if key not in self._built:
+            self._built.clear()
+            self._built[key] = np.random.default_rng([self.seed, epoch]).permutation(
+                self.num_samples
+            )
+        return self._built[key]
+
+    def _block_starts(self) -> np.ndarray:
+        """Each block's first index, and the end: ``num_blocks + 1`` int64."""
+        if "starts" not in self._built:
+            if isinstance(self.block_sizes, int):
+                starts = np.arange(0, self.num_samples, self.block_sizes, dtype=np.int64)
+                starts = np.append(starts, self.num_samples)
+            else:
+                sizes = np.asarray(self.block_sizes, dtype=np.int64)
+                starts = np.concatenate([[0], np.cumsum(sizes[sizes > 0])])
+            self._built["starts"] = starts
+        return self._built["starts"]
+
+    def _epoch_blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the epoch's block order, each window's first position and the end)."""
+        key = ("blocks", epoch)
+        if key not in self._built:
+            starts = self._block_starts()
+            for stale in [k for k in self._built if k != "starts"]:
+                del self._built[stale]  # one epoch at a time
+            rng = np.random.default_rng([self.seed, epoch, _RNG_BLOCKS])
+            blocks = rng.permutation(len(starts) - 1)
+            sizes = np.diff(starts)[blocks]
+            window_sizes = np.add.reduceat(sizes, np.arange(0, len(sizes), self.shuffle_window))
+            window_starts = np.concatenate([[0], np.cumsum(window_sizes)])
+            self._built[key] = (blocks, window_starts)
+        return self._built[key]
+
+    def _window_items(self, epoch: int, window: int, blocks: np.ndarray) -> np.ndarray:
+        """The items of one window, shuffled: the last two windows built are kept (a
+        micro-batch may straddle two)."""
+        key = ("window", epoch, window)
+        if key not in self._built:
+            windows = [k for k in self._built if k[0] == "window"]
+            for stale in windows[:-1]:
+                del self._built[stale]
+            starts = self._block_starts()
+            chosen = blocks[window * self.shuffle_window : (window + 1) * self.shuffle_window]
+            items = np.concatenate([np.arange(starts[b], starts[b + 1]) for b in chosen])
+            rng = np.random.default_rng([self.seed, epoch, _RNG_WINDOW, window])
+            self._built[key] = rng.permutation(items)
+        return self._built[key]
+
+    def settings(self) -> tuple[tuple[str, object], ...]:
+        """What fixes this order, as a plan's ``data_order`` keeps it for a resume."""
+        return (
+            ("shuffle", self.shuffle),
+            ("drop_last", self.drop_last),
+            ("seed", self.seed),
+            ("global_order", True),
+            ("shuffle_window", self.shuffle_window),
+            (
+                "shuffle_block",
+                "chunks" if not isinstance(self.block_sizes, int) else self.block_sizes,
+            ),
+        )
 
 
 def accumulation_of(global_batch_size: int, world_size: int, batch_size: int) -> int:
@@ -151,16 +268,10 @@ def global_order_layout(
     batches = order.steps_per_epoch * accumulate
     distinct = min(order.num_samples, order.steps_per_epoch * order.global_batch_size)
     shares = tuple(distinct // world_size + (r < distinct % world_size) for r in range(world_size))
-    settings = (
-        ("shuffle", order.shuffle),
-        ("drop_last", order.drop_last),
-        ("seed", order.seed),
-        ("global_order", True),
-    )
     return train_layout(
         batch_size,
         shares,
         rank_batches=(batches,) * world_size,
         tokens_per_sample=tokens_per_sample,
-        order=settings,
+        order=order.settings(),
     )

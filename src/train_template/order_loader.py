@@ -17,6 +17,10 @@ decides its own order: it keeps Lightning's ``DistributedSampler`` and the same-
 resume rules (``resume.RESUME_KEYS``), and so does a run with ``use_distributed_sampler``
 off. The order's seed is the loader's generator seed (``DataLoader(generator=...)``),
 else the run's ``seed_everything`` seed, as Lightning's ``DistributedSampler`` takes it.
+The shuffle is blockwise (``order.py``): a dataset whose items are stored in chunks says
+so with a ``chunk_sizes()`` method (items per chunk, in index order; ``ItemsOf`` of the
+template's litdata shards has one) and its chunks are the blocks; any other dataset is cut
+into blocks of ``--plan.shuffle_block`` consecutive indices.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from train_template.layout import TrainLayout
+from train_template.options import SHUFFLE_BLOCK, SHUFFLE_WINDOW
 from train_template.order import GlobalOrder, GlobalOrderSampler, global_order_layout
 from train_template.resume import in_global_order, order_position
 from train_template.seam.loop import epochs_started, loader_with_sampler
@@ -42,14 +47,24 @@ class LoaderOrder:
     shuffle: bool
     drop_last: bool
     seed: int
+    chunk_sizes: tuple[int, ...] | None = None  # the dataset's chunks, if it says them
 
-    def global_order(self, world_size: int, accumulate_grad_batches: int) -> GlobalOrder:
+    def global_order(
+        self, world_size: int, accumulate_grad_batches: int, data_order: dict | None = None
+    ) -> GlobalOrder:
+        """The order at this layout; its window and block as the plan's ``data_order``
+        says (the run's ``--plan.shuffle_*``, or a resumed checkpoint's), else the defaults."""
+        data_order = data_order or {}
+        window = data_order.get("shuffle_window", SHUFFLE_WINDOW)
+        block = data_order.get("shuffle_block", SHUFFLE_BLOCK)
         return GlobalOrder(
             self.num_samples,
             world_size * self.batch_size * accumulate_grad_batches,
             seed=self.seed,
             shuffle=self.shuffle,
             drop_last=self.drop_last,
+            shuffle_window=window,
+            block_sizes=self.chunk_sizes if self.chunk_sizes is not None else block,
         )
 
 
@@ -75,7 +90,15 @@ def loader_order(loader: Any) -> LoaderOrder | None:
         if generator is not None
         else int(os.environ.get("PL_GLOBAL_SEED", 0))  # Lightning's DistributedSampler seed
     )
-    return LoaderOrder(len(loader.dataset), loader.batch_size, shuffle, loader.drop_last, seed)
+    chunks = getattr(loader.dataset, "chunk_sizes", None)
+    return LoaderOrder(
+        len(loader.dataset),
+        loader.batch_size,
+        shuffle,
+        loader.drop_last,
+        seed,
+        chunk_sizes=tuple(chunks()) if callable(chunks) else None,
+    )
 
 
 def loader_layout(
@@ -99,7 +122,9 @@ def ordered_train_loader(loader: Any, trainer: Any) -> DataLoader | None:
     plan = getattr(trainer, "training_plan", None)
     if settings is None or plan is None or not in_global_order(plan):
         return None
-    order = settings.global_order(trainer.world_size, trainer.accumulate_grad_batches)
+    order = settings.global_order(
+        trainer.world_size, trainer.accumulate_grad_batches, plan.data_order
+    )
     epoch, start_step = order_position(
         trainer.global_step, epochs_started(trainer), plan.steps_per_epoch
     )

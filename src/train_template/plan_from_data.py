@@ -39,6 +39,7 @@ def plan_for(
     distributed_sampler: bool = True,
 ) -> TrainingPlan:
     """The plan for ``source`` (the data module, or the module that has the loaders)."""
+    options.check_order()
     layout = layout_of(source, world_size, accumulate_grad_batches, distributed_sampler)
     if options.global_batch_size is not None:
         derived = accumulation_for(
@@ -59,7 +60,7 @@ def plan_for(
         devices=world_size // num_nodes,
         num_nodes=num_nodes,
         rank_samples=layout.rank_samples if sized else None,
-        data_order=dict(layout.order),
+        data_order=order_with_options(dict(layout.order), options),
         tokens_per_sample=layout.tokens_per_sample,
         max_epochs=max_epochs,
         max_steps=max_steps,
@@ -67,6 +68,16 @@ def plan_for(
         max_tokens=options.max_tokens,
         warmup=schedule.warmup,
     )
+
+
+def order_with_options(data_order: dict, options: PlanOptions) -> dict:
+    """A global order's settings with the run's ``--plan.shuffle_*`` (the layout counts
+    the same batches with any window; the sampler reads them from the plan)."""
+    if data_order.get("global_order"):
+        data_order["shuffle_window"] = options.shuffle_window
+        if data_order.get("shuffle_block") != "chunks":
+            data_order["shuffle_block"] = options.shuffle_block
+    return data_order
 
 
 def layout_of(

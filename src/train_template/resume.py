@@ -110,6 +110,14 @@ class Resume:
             order = dict(plan["data_order"])
             order["global_order"] = order.pop("elastic")
             plan = {**plan, "data_order": order}
+        if (
+            plan is not None
+            and in_global_order(plan)
+            and "shuffle_window" not in plan["data_order"]
+        ):
+            # Written before the blockwise shuffle: one permutation of all samples, which
+            # --plan.shuffle_window null continues (any other window is refused).
+            plan = {**plan, "data_order": {**plan["data_order"], "shuffle_window": None}}
         return cls(path, plan, state.get("rng"), int(checkpoint.get("global_step", 0)))
 
     def plan_inputs(self, options: PlanOptions, accumulate: int | None) -> tuple:
@@ -165,7 +173,8 @@ def plan_changes(saved: dict, current: TrainingPlan) -> list[str]:
             continue
         if key == "data_order":
             changes += [
-                f"--data.{name} {saved[key].get(name)} -> {value}"
+                f"--{ORDER_OPTION_GROUP.get(name, 'data')}.{name} "
+                f"{option_value(saved[key].get(name))} -> {option_value(value)}"
                 for name, value in now[key].items()
                 if name in saved[key] and saved[key][name] != value
             ]
@@ -174,6 +183,17 @@ def plan_changes(saved: dict, current: TrainingPlan) -> list[str]:
         else:
             changes.append(f"{key} {saved[key]} -> {now[key]}")
     return changes
+
+
+# The order settings that are run options, not the data module's.
+ORDER_OPTION_GROUP = {"shuffle_window": "plan", "shuffle_block": "plan"}
+
+
+def option_value(value: object) -> str:
+    """A setting as it is written on the command line (``null``, ``true``)."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    return str(value)
 
 
 def rescale_batch_counters(progress: dict, saved_accumulation: int, accumulation: int) -> None:

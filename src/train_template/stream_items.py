@@ -15,7 +15,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from train_template.layout import TrainLayout
 from train_template.order_loader import loader_layout
-from train_template.seam.litdata import map_every_chunk, read_whole_chunks, view_as_rank
+from train_template.seam.litdata import (
+    chunk_sizes,
+    map_every_chunk,
+    read_whole_chunks,
+    view_as_rank,
+)
 
 
 class GlobalOrderTrain:
@@ -104,6 +109,11 @@ class ItemsOf(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         return self.dataset[index]
+
+    def chunk_sizes(self) -> list[int]:
+        """Items per chunk in index order: the global order's shuffle blocks, so that a
+        rank reads a few chunks at a time (``order.py``)."""
+        return chunk_sizes(self.dataset)
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
         """A whole micro-batch (torch's loader asks for it in one call): read in index

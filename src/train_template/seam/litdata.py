@@ -87,6 +87,13 @@ def map_every_chunk(dataset: Any) -> bool:
     return True
 
 
+def chunk_sizes(dataset: Any) -> list[int]:
+    """Items per chunk of a ``StreamingDataset``, in the order its indices run: litdata
+    (0.2.76) maps index ``i`` to a chunk through ``region_of_interest``, one (first, end)
+    item range per chunk in ``subsampled_files`` order (``ChunksConfig._get_chunk_index_from_index``)."""
+    return [end - start for start, end in dataset.region_of_interest]
+
+
 def view_as_rank(dataset: Any, world_size: int, rank: int) -> Any:
     """Set the rank a ``StreamingDataset`` reads as, always as one node.
 
