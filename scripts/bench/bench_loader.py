@@ -1,6 +1,7 @@
 """Train-loader throughput over optimized shards, in both orders the template has: the
 global order (the default: items read by index through a map-style loader and the
-``GlobalOrderSampler``) and litdata's own ``StreamingDataLoader`` (``--data.global_order
+``GlobalOrderSampler``; blockwise, and as one permutation of all samples, the order before
+windows) and litdata's own ``StreamingDataLoader`` (``--data.global_order
 false``, chunk by chunk), and the global order without ``streaming.owned_bytes``'s
 copy of each ``bytes`` field, vs the same arrays from a numpy memmap through a plain
 DataLoader (num_workers 0, 1, 2; same batch size and collate work).
@@ -89,6 +90,11 @@ def main() -> None:
             items = in_order.train_dataloader()  # what the trainer is handed, then given:
             order = loader_order(items).global_order(world_size=1, accumulate_grad_batches=1)
             ordered = loader_with_sampler(items, GlobalOrderSampler(order, 1, 0, BATCH))
+            # The order before windows (--plan.shuffle_window null): no chunk locality.
+            full = loader_order(items).global_order(1, 1, {"shuffle_window": None})
+            unwindowed = loader_with_sampler(
+                in_order.train_dataloader(), GlobalOrderSampler(full, 1, 0, BATCH)
+            )
             # The cost of streaming.owned_bytes (bytes fields copied out of the chunk's map):
             # the same loader over a dataset that hands back the views.
             viewed = DigitsDataModule(
@@ -113,6 +119,7 @@ def main() -> None:
                     "numpy memmap DataLoader": lambda m=memmap: samples_per_second(m),
                     "StreamingDataLoader": lambda s=streaming: samples_per_second(s),
                     "global order (default)": lambda o=ordered: samples_per_second(o),
+                    "global order, one permutation": lambda u=unwindowed: samples_per_second(u),
                     "global order, bytes as views": lambda v=views: samples_per_second(v),
                 },
                 args.repeats,

@@ -22,7 +22,7 @@ blocks is a full shuffle; ``shuffle_window=None`` is one permutation of every in
 order of checkpoints written before windows existed (kept so that they resume in it).
 
 Every epoch holds the same number of whole global batches on every layout: without
-``drop_last`` the last window is completed with the epoch's first samples (they are seen
+``drop_last`` the last global batch is completed with the epoch's first samples (they are seen
 twice that epoch), with it the tail of fewer than ``G`` samples waits for another epoch.
 Pure numpy arithmetic.
 
