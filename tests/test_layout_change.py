@@ -37,7 +37,7 @@ ON_ANY_LAYOUT = [
     "--trainer.max_epochs", "2",
     "--trainer.precision", "32-true",
     "--checkpoint.every_n_train_steps", "3",
-    # windows of 2 blocks: 4 KB chunks of ~45 samples, or 50 indices of the map-style data
+    # windows of 2 blocks: 4 KB chunks of 50 samples (5 chunks), or 50 indices of the map-style data
     "--plan.shuffle_window", "2", "--plan.shuffle_block", "50",
 ]  # fmt: skip
 ONE_RANK = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]

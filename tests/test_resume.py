@@ -25,8 +25,9 @@ EPOCHS = "3"
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    # 403 samples, batch 8: 51 batches per epoch (the last one short), 3 epochs.
-    return write_shards(tmp_path_factory.mktemp("resume-shards"), 403)
+    # 403 samples, batch 8: 51 batches per epoch (the last one short), 3 epochs; 4 KB
+    # chunks of 50 samples (9 chunks), so that the global order's 2-chunk windows are five.
+    return write_shards(tmp_path_factory.mktemp("resume-shards"), 403, chunk_bytes="4KB")
 
 
 def fit_args(run_dir: Path, data: Path, *extra: str, config: str | None = None) -> list[str]:
@@ -86,6 +87,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
     tmp_path, shards, world_size, num_workers
 ):
     extra = ["--data.num_workers", str(num_workers), "--checkpoint.every_n_train_steps", "7"]
+    extra += ["--plan.shuffle_window", "2"]  # a window every 2 of the 9 chunks: five
     config = None
     if world_size == 2:
         config = "ddp"
