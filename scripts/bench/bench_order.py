@@ -49,22 +49,30 @@ def first_batch(num_samples: int, window: int | None, resumed: bool) -> tuple[fl
     return seconds, peak
 
 
-def arithmetic(sizes: list[int]) -> list[str]:
-    lines = [
-        "## 1. One rank's first micro-batch (arithmetic only)",
-        "",
-        "| samples | order | fresh: s | fresh: peak MB | resumed at the last step: s | resumed: peak MB |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
-    ]
+def section(title: str, columns: list[str], sizes: list[int], row) -> list[str]:
+    """A table of ``row(size, window)``'s cells for every size and both orders, each row
+    printed to stderr as it is measured (the 1e9 permutation takes minutes)."""
+    lines = [f"## {title}", "", f"| samples | order | {' | '.join(columns)} |"]
+    lines.append("| ---: | --- |" + " ---: |" * len(columns))
     for size in sizes:
         for name, window in ORDERS.items():
-            fresh, resumed = first_batch(size, window, False), first_batch(size, window, True)
-            lines.append(
-                f"| {size:.0e} | {name} | {fresh[0]:.3f} | {fresh[1] / 2**20:.1f} "
-                f"| {resumed[0]:.3f} | {resumed[1] / 2**20:.1f} |"
-            )
+            lines.append(f"| {size:.0e} | {name} | {' | '.join(row(size, window))} |")
             print(lines[-1], file=sys.stderr, flush=True)
     return lines
+
+
+def arithmetic(sizes: list[int]) -> list[str]:
+    def row(size: int, window: int | None) -> list[str]:
+        fresh, resumed = first_batch(size, window, False), first_batch(size, window, True)
+        return [
+            f"{fresh[0]:.3f}",
+            f"{fresh[1] / 2**20:.1f}",
+            f"{resumed[0]:.3f}",
+            f"{resumed[1] / 2**20:.1f}",
+        ]
+
+    columns = ["fresh: s", "fresh: peak MB", "resumed at the last step: s", "resumed: peak MB"]
+    return section("1. One rank's first micro-batch (arithmetic only)", columns, sizes, row)
 
 
 MEASURE = (
@@ -98,18 +106,12 @@ def fit(num_samples: int, window: int | None, root: Path) -> tuple[float, int]:
 
 
 def fits(sizes: list[int], root: Path) -> list[str]:
-    lines = [
-        "## 2. A 20-step fit on one process (configs/default.yaml, items made from their index)",
-        "",
-        "| samples | order | wall s | peak RSS GB |",
-        "| ---: | --- | ---: | ---: |",
-    ]
-    for size in sizes:
-        for name, window in ORDERS.items():
-            seconds, peak = fit(size, window, root)
-            lines.append(f"| {size:.0e} | {name} | {seconds:.1f} | {peak / 1e9:.2f} |")
-            print(lines[-1], file=sys.stderr, flush=True)
-    return lines
+    def row(size: int, window: int | None) -> list[str]:
+        seconds, peak = fit(size, window, root)
+        return [f"{seconds:.1f}", f"{peak / 1e9:.2f}"]
+
+    title = "2. A 20-step fit on one process (configs/default.yaml, items made from their index)"
+    return section(title, ["wall s", "peak RSS GB"], sizes, row)
 
 
 def class_sorted_shards(root: Path, num_samples: int, chunk_items: int) -> Path:
