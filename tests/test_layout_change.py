@@ -128,6 +128,7 @@ def test_a_resume_on_another_world_size_trains_every_step_on_the_same_samples(
     assert f"at global step {2 * order.steps_per_epoch} (epoch 2, step 0)" in printed
     assert "global batch size              16" in printed
     assert "accumulate grad batches        1" in printed
+    assert "sample order                   global, shuffled in windows of 2 chunks" in printed
 
 
 def test_rescaled_batch_counters_keep_lightnings_saved_on_batch_end_mark():

@@ -149,6 +149,7 @@ def format_plan(plan: Any, planned_schedule: bool = True) -> str:
             "warmup steps",
             plan.warmup_steps if planned_schedule else "set by the module's scheduler",
         ),
+        ("sample order", sample_order(plan.data_order)),
     ]
     if plan.tokens_per_sample is not None:
         rows += [
@@ -160,6 +161,19 @@ def format_plan(plan: Any, planned_schedule: bool = True) -> str:
     lines = ["Training plan", "-" * (width + 24)]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)
+
+
+def sample_order(data_order: dict) -> str:
+    """The plan's sample order in words (``order.py``; ``--plan.shuffle_*``)."""
+    if not data_order.get("global_order"):
+        return "the train loader's own (same-layout resume only)"
+    if not data_order.get("shuffle", True):
+        return "global, in index order"
+    window, block = data_order.get("shuffle_window"), data_order.get("shuffle_block")
+    if window is None:
+        return "global, one permutation of all samples"
+    blocks = "chunks" if block == "chunks" else f"blocks of {block} indices"
+    return f"global, shuffled in windows of {window} {blocks}"
 
 
 def _known(value: int | None) -> int | str:
