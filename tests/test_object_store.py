@@ -104,6 +104,33 @@ def test_bad_keys_or_no_bucket_stop_the_run_in_one_line(store, tmp_path, case, c
         assert not listed.get("Contents"), "nothing written under the refused root"
 
 
+def test_remote_shards_larger_than_the_chunk_cache_are_refused_in_one_line(
+    store, tmp_path, cli_in_process
+):
+    """Row 66: the global order reads across chunks; litdata (0.2.76) deletes what it read
+    by index when the split exceeds its cache budget, and then re-downloads or times out
+    (docs/benchmarks.md 10d). A split larger than the budget (MAX_CACHE_SIZE, litdata's
+    own variable) stops before any work, naming both sizes and the ways out."""
+    url = f"s3://{store.bucket('template-data')}/over-budget"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in store.env.items():
+            patch.setenv(name, value)
+        forget_object_store_clients()
+        assert prepare_shards(url, 64, 16, 16)
+    env = {**store.env, "MAX_CACHE_SIZE": "1KB"}
+    root = tmp_path / "run"
+    status, _, stderr = cli_in_process(
+        [*train_cmd("fit", root, url)[2:], "--trainer.max_epochs", "1"], env
+    )
+    assert status == 2, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: the train split at {url}/train is "), line
+    assert "but litdata's local chunk cache may hold 1000 bytes (MAX_CACHE_SIZE" in line, line
+    assert line.endswith("or train with --data.global_order false (litdata's stream)"), line
+    assert "Traceback" not in stderr
+    assert not (root / "checkpoints").exists()
+
+
 def test_shards_and_checkpoints_in_object_storage_resume_exactly(store, tmp_path):
     url = f"s3://{store.bucket('template-data')}/digits"
     with pytest.MonkeyPatch.context() as patch:  # the preparation runs in this process

@@ -173,21 +173,13 @@ def save_failed(final: str, failure: BaseException | None, needed: int) -> str:
         reason = f"{type(first).__name__}: {(str(first).splitlines() or [''])[0][:200]}"
     else:  # this rank wrote nothing; another rank's write failed
         return f"cannot save checkpoint {final}: another rank's write failed (see its error)"
-    space = "" if free is None else f", {size_text(free)} free there"
+    space = "" if free is None else f", {storage.size_text(free)} free there"
     return (
         f"cannot save checkpoint {final}: {reason} (it needs about "
-        f"{size_text(needed)} per rank{space}): free space in {directory} or point "
+        f"{storage.size_text(needed)} per rank{space}): free space in {directory} or point "
         "--trainer.default_root_dir at a larger, writable disk; the checkpoints already "
         "there are kept"
     )
-
-
-def size_text(count: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 class DirectCheckpointIO(TorchCheckpointIO):

@@ -97,6 +97,15 @@ def names_in(directory: str) -> list[str]:
         return []
 
 
+def size_text(count: float) -> str:
+    """A byte count as a person reads it (``1008.0 KB``), in the template's error lines."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
 def read_bytes(path: str) -> bytes:
     if not is_url(path):
         return Path(path).read_bytes()

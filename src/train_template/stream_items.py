@@ -13,14 +13,17 @@ import torch
 from litdata import StreamingDataset
 from torch.utils.data import DataLoader, Dataset
 
+from train_template.errors import UserError
 from train_template.layout import TrainLayout
 from train_template.order_loader import loader_layout
 from train_template.seam.litdata import (
+    chunk_cache_budget,
     chunk_sizes,
     map_every_chunk,
     read_whole_chunks,
     view_as_rank,
 )
+from train_template.storage import size_text
 
 
 class GlobalOrderTrain:
@@ -35,7 +38,27 @@ class GlobalOrderTrain:
     def prepare(self, dataset: StreamingDataset) -> StreamingDataset:
         """The train dataset as one rank that sees every item, chunks read whole."""
         read_whole_chunks(dataset)
+        self.check_cache(dataset)
         return view_as_rank(dataset, 1, 0)
+
+    def check_cache(self, dataset: StreamingDataset) -> None:
+        """Remote shards: the split must fit litdata's local chunk cache. Reads by index
+        move between chunks all the time, and litdata (0.2.76) deletes a chunk as soon as a
+        read leaves it when the split exceeds its budget: measured, 62.6x the split's bytes
+        downloaded in one permutation, a ``ChunkWaitTimeoutError`` after 120 s in the
+        blockwise order (docs/benchmarks.md 10d). One line instead, before any work."""
+        budget = chunk_cache_budget(dataset)
+        if budget is None:
+            return  # local shards: read in place, nothing cached
+        needed = self.data.split_bytes("train")
+        if needed > budget:
+            raise UserError(
+                f"the train split at {self.data.split_dir('train')} is {size_text(needed)} "
+                f"but litdata's local chunk cache may hold {size_text(budget)} "
+                "(MAX_CACHE_SIZE, else 75% of the free disk): the global order reads items "
+                "across chunks and needs every chunk cached; free disk space or raise "
+                "MAX_CACHE_SIZE, or train with --data.global_order false (litdata's stream)"
+            )
 
     def setup(self) -> None:
         """Nothing to check here: the plan checks the global order's batches."""

@@ -165,10 +165,17 @@ class StreamingDataModule(pl.LightningDataModule):
 
     def split_size(self, split: str) -> int:
         """Samples in a split, from its litdata index (before sharding and drop_last)."""
+        return sum(chunk["chunk_size"] for chunk in self.split_chunks(split))
+
+    def split_bytes(self, split: str) -> int:
+        """Bytes of a split's chunks, from its litdata index."""
+        return sum(chunk["chunk_bytes"] for chunk in self.split_chunks(split))
+
+    def split_chunks(self, split: str) -> list[dict]:
         index = json.loads(
             storage.read_text(f"{self.split_dir(split)}/index.json", self.storage_options) or "{}"
         )
-        return sum(chunk["chunk_size"] for chunk in index["chunks"])
+        return index["chunks"]
 
     def make_dataset(self, split: str) -> StreamingDataset:
         training = split == "train"

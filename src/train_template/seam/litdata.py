@@ -94,6 +94,18 @@ def chunk_sizes(dataset: Any) -> list[int]:
     return [end - start for start, end in dataset.region_of_interest]
 
 
+def chunk_cache_budget(dataset: Any) -> int | None:
+    """The bytes litdata's local cache may hold for a remote ``StreamingDataset`` (None for
+    local shards). litdata 0.2.76 resolves it in each reader from the dataset's
+    ``max_cache_size``, the ``MAX_CACHE_SIZE`` environment variable, else 75% of the free
+    disk under the cache folder (``litdata.utilities.format._resolve_max_cache_size``)."""
+    from litdata.utilities.format import _resolve_max_cache_size
+
+    if not dataset.input_dir.url:
+        return None
+    return _resolve_max_cache_size(dataset.max_cache_size, dataset.input_dir.path)
+
+
 def view_as_rank(dataset: Any, world_size: int, rank: int) -> Any:
     """Set the rank a ``StreamingDataset`` reads as, always as one node.
 
