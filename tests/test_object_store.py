@@ -322,6 +322,7 @@ def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact,
         assert torch.equal(tensor, got["state_dict"][name]), name
 
 
+@pytest.mark.slow  # a run whose store is killed and restarted under its loader: 38 s
 def test_a_store_outage_during_chunk_reads_ends_the_loader_with_the_request_named(
     tmp_path, monkeypatch
 ):

@@ -218,6 +218,7 @@ def wait_for_restarts(cluster, job_id: str, restarts: int, timeout: float = 120)
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # a job array of two sweep workers, four trials: 22 s
 def test_an_array_of_two_sweep_workers_shares_one_study(cluster, shards, tmp_path):
     """``sbatch --array=0-1 scripts/slurm/sweep.sbatch``: two array tasks, one on each
     node, take the trials of one study (its journal file on the shared filesystem) until
