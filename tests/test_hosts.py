@@ -197,6 +197,7 @@ def steps_of(run_dir: Path) -> dict[tuple[int, int], tuple[list[int], float]]:
     return merged
 
 
+@pytest.mark.slow  # two hosts, a killed host and torchrun's restart on the one left: 43 s
 def test_torchrun_elastic_restarts_on_the_host_left_with_the_same_global_batch(
     hosts, shards, tmp_path
 ):
