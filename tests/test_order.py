@@ -182,6 +182,34 @@ def test_each_global_batch_reads_the_blocks_of_at_most_two_windows(window):
         assert steps == list(range(steps[0], steps[-1] + 1)), block
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize(("window", "behind"), [(1, 1), (2, 1), (2, 5), (4, 3)])
+def test_the_blocks_in_use_cover_every_read_and_stay_within_their_bound(shuffle, window, behind):
+    """What a node's cache of remote chunks keeps (chunk_cache.py): at every step the
+    blocks in use hold the blocks of that step's samples and of the ``behind`` steps
+    before it in the epoch (readers lag the sampler), and no more blocks than
+    ``most_blocks_in_use`` (but the wrapped last step, which also reads the first window);
+    without windows (one permutation) every block. Irregular chunks, some empty."""
+    sizes = np.random.default_rng(7).integers(0, 141, size=24)
+    sizes[-1] += 2000 - sizes.sum()
+    order = GlobalOrder(
+        2000, GLOBAL_BATCH, seed=4, shuffle=shuffle, shuffle_window=window, block_sizes=sizes
+    )
+    chunk_of = np.searchsorted(np.cumsum(sizes), np.arange(2000), side="right")
+    last = order.steps_per_epoch - 1
+    for epoch in range(2):
+        for step in range(order.steps_per_epoch):
+            kept = set(order.blocks_in_use(epoch, step, behind).tolist())
+            for earlier in range(max(0, step - behind), step + 1):
+                assert set(chunk_of[order.step_samples(epoch, earlier)].tolist()) <= kept
+            assert all(sizes[b] > 0 for b in kept)
+            if step != last:
+                assert len(kept) <= order.most_blocks_in_use(behind), (step, kept)
+    whole = GlobalOrder(2000, GLOBAL_BATCH, shuffle_window=None, block_sizes=sizes)
+    assert whole.blocks_in_use(0, 3) is None
+    assert whole.most_blocks_in_use() == int((sizes > 0).sum())
+
+
 def test_a_billion_samples_cost_a_rank_megabytes_and_any_step_is_reachable():
     """The order of 1e9 samples, read at step 900,000 of 976,563 as a resumed rank of 8
     would: what it builds is one int64 per block and two windows of items (no array of

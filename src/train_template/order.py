@@ -37,7 +37,7 @@ map-style train loader.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,6 +182,64 @@ class GlobalOrder:
             self._built[key] = rng.permutation(items)
         return self._built[key]
 
+    def blocks_in_use(self, epoch: int, step: int, behind: int = 1) -> np.ndarray | None:
+        """The blocks (numbered as the dataset's chunks, or blocks of consecutive indices)
+        that every rank's reads are in while the sampler yields optimizer step ``step`` of
+        ``epoch``: the windows holding the positions of that step and the ``behind`` steps
+        before it in the epoch (readers lag the sampler: loader workers' prefetched batches,
+        the other ranks), and at least the window before the newest one. None: every block
+        (one permutation of all samples has no windows). A cache of remote chunks keeps
+        these and may drop the rest (``chunk_cache.py``)."""
+        if self.shuffle and self.shuffle_window is None:
+            return None
+        blocks, window_starts = self._window_layout(epoch)
+        start = max(0, step - behind) * self.global_batch_size
+        stop = (step + 1) * self.global_batch_size
+        windows: set[int] = set()
+        while start < stop:  # the last global batch may wrap to the epoch's start
+            first = start % self.num_samples
+            last = min(first + stop - start, self.num_samples) - 1
+            low, high = np.searchsorted(window_starts, [first, last], side="right") - 1
+            windows.update(range(max(0, min(int(low), int(high) - 1)), int(high) + 1))
+            start += last - first + 1
+        width = self._window_blocks()
+        chosen = np.concatenate([blocks[w * width : (w + 1) * width] for w in sorted(windows)])
+        return self._block_numbers()[chosen]
+
+    def most_blocks_in_use(self, behind: int = 1) -> int:
+        """How many blocks :meth:`blocks_in_use` holds at most over an epoch's steps but
+        its wrapped last one: two windows, or the windows that ``behind + 1`` global
+        batches span where they hold more items than a window. The wrapped last global
+        batch also reads the epoch's first window, for one step."""
+        sizes = np.sort(np.diff(self._block_starts()))
+        width = self._window_blocks()
+        if self.shuffle and self.shuffle_window is None:
+            return len(sizes)
+        smallest = max(1, int(sizes[:width].sum()))  # the fewest items a full window holds
+        spanned = 1 + math.ceil(((behind + 1) * self.global_batch_size - 1) / smallest)
+        return min(len(sizes), width * max(2, spanned))
+
+    def _window_blocks(self) -> int:
+        """Blocks per window: ``shuffle_window``; all of them without shuffle or window."""
+        if self.shuffle_window is None:
+            return len(self._block_starts()) - 1
+        return self.shuffle_window
+
+    def _window_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the epoch's block order, each window's first position and the end); without
+        shuffle the blocks in index order, cut into windows the same way."""
+        if self.shuffle:
+            return self._epoch_blocks(epoch)
+        starts = self._block_starts()
+        firsts = starts[np.arange(0, len(starts) - 1, self._window_blocks())]
+        return np.arange(len(starts) - 1), np.append(firsts, starts[-1])
+
+    def _block_numbers(self) -> np.ndarray:
+        """The dataset's number of each block: chunks without items are never blocks."""
+        if isinstance(self.block_sizes, int):
+            return np.arange(len(self._block_starts()) - 1)
+        return np.flatnonzero(np.asarray(self.block_sizes) > 0)
+
     def settings(self) -> tuple[tuple[str, object], ...]:
         """What fixes this order, as a plan's ``data_order`` keeps it for a resume."""
         return (
@@ -213,6 +271,12 @@ class GlobalOrderSampler(Sampler[int]):
     the trainer's restored global step (``start_step``, for the epoch it was made for).
     Lightning calls ``set_epoch`` at every epoch start, as it does on a
     ``DistributedSampler``; a new epoch starts at its first step.
+
+    ``keep_blocks(blocks, most)``, where given, hears which blocks the ranks read from now
+    on (:meth:`GlobalOrder.blocks_in_use`, and the most it will be, for a cache's budget
+    check) each time that changes: before the first micro-batch, then about once per
+    window. It runs where the sampler runs, in each rank's main process, up to
+    ``reads_behind`` steps ahead of the slowest read on the node.
     """
 
     def __init__(
@@ -223,8 +287,13 @@ class GlobalOrderSampler(Sampler[int]):
         batch_size: int,
         epoch: int = 0,
         start_step: int = 0,
+        keep_blocks: Callable[[np.ndarray | None, int], None] | None = None,
+        reads_behind: int = 1,
     ) -> None:
         self.order = order
+        self.keep_blocks = keep_blocks
+        self.reads_behind = reads_behind  # steps the slowest reader may lag this sampler
+        self.most_in_use = order.most_blocks_in_use(reads_behind) if keep_blocks else 0
         self.world_size = world_size
         self.rank = rank
         self.batch_size = batch_size
@@ -245,7 +314,14 @@ class GlobalOrderSampler(Sampler[int]):
         batches = self.order.rank_batches(
             self.epoch, self.world_size, self.rank, self.batch_size, self.start_step
         )
-        for batch in batches:
+        in_use: np.ndarray | None = None
+        for number, batch in enumerate(batches):
+            if self.keep_blocks is not None and number % self.accumulate == 0:
+                step = self.start_step + number // self.accumulate
+                blocks = self.order.blocks_in_use(self.epoch, step, self.reads_behind)
+                if number == 0 or not np.array_equal(blocks, in_use):
+                    self.keep_blocks(blocks, self.most_in_use)
+                    in_use = blocks
             yield from batch
 
 

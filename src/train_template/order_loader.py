@@ -20,11 +20,15 @@ else the run's ``seed_everything`` seed, as Lightning's ``DistributedSampler`` t
 The shuffle is blockwise (``order.py``): a dataset whose items are stored in chunks says
 so with a ``chunk_sizes()`` method (items per chunk, in index order; ``ItemsOf`` of the
 template's litdata shards has one) and its chunks are the blocks; any other dataset is cut
-into blocks of ``--plan.shuffle_block`` consecutive indices.
+into blocks of ``--plan.shuffle_block`` consecutive indices. Such a dataset may also have
+``keep_chunks(chunks, most)``: each rank's sampler calls it whenever the chunks its reads
+are in change (``GlobalOrderSampler``), so that a local cache of remote chunks keeps only
+those (``chunk_cache.py``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +116,22 @@ def loader_layout(
     return global_order_layout(order, world_size, settings.batch_size, tokens_per_sample)
 
 
+def chunk_keeper(loader: Any, settings: LoaderOrder) -> Any:
+    """The dataset's ``keep_chunks(chunks, most)``, if it has one and states its chunks:
+    the sampler tells it which chunks the ranks read from now on (a cache of remote chunks
+    drops the others; ``chunk_cache.py``)."""
+    keep = getattr(loader.dataset, "keep_chunks", None)
+    return keep if callable(keep) and settings.chunk_sizes is not None else None
+
+
+def reads_behind(loader: DataLoader, accumulate_grad_batches: int) -> int:
+    """Optimizer steps the reads of a node may lag a rank's sampler: the micro-batches its
+    loader workers hold prefetched (``prefetch_factor`` each), and one step for the other
+    ranks (every rank waits for the others at each optimizer step)."""
+    prefetched = loader.num_workers * (loader.prefetch_factor or 0)
+    return math.ceil(prefetched / accumulate_grad_batches) + 1
+
+
 def ordered_train_loader(loader: Any, trainer: Any) -> DataLoader | None:
     """``loader`` with this rank's :class:`GlobalOrderSampler` in place of its sampler,
     positioned at the trainer's restored step; None when the loader keeps its own order.
@@ -135,5 +155,7 @@ def ordered_train_loader(loader: Any, trainer: Any) -> DataLoader | None:
         settings.batch_size,
         epoch=epoch,
         start_step=start_step,
+        keep_blocks=chunk_keeper(loader, settings),
+        reads_behind=reads_behind(loader, trainer.accumulate_grad_batches),
     )
     return loader_with_sampler(loader, sampler)
