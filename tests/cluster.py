@@ -328,8 +328,11 @@ class ObjectStore:
     certificate for 127.0.0.1 made at start-up with openssl; clients trust the CA through
     ``AWS_CA_BUNDLE`` (boto3, s3fs) and ``SSL_CERT_FILE`` (litdata's obstore client))."""
 
-    def __init__(self, root: Path, ports: list[int], tls: bool = False) -> None:
+    def __init__(
+        self, root: Path, ports: list[int], tls: bool = False, metrics_port: int | None = None
+    ) -> None:
         self.root, self.ports, self.tls = root, ports, tls
+        self.metrics_port = metrics_port  # Prometheus counters of the S3 API (reads())
         self.endpoint = f"http://127.0.0.1:{ports[6]}"
         self.env = {**S3_KEYS, "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
         if tls:
@@ -382,6 +385,8 @@ class ObjectStore:
         flags = [f"-{name}={port}" for name, port in zip(names, self.ports[:9], strict=True)]
         if self.tls:
             flags += self._make_certificates()
+        if self.metrics_port is not None:
+            flags.append(f"-metricsPort={self.metrics_port}")
         with open(self.root / "weed.log", "w") as out:
             self.process = subprocess.Popen(
                 [str(weed), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
@@ -410,6 +415,22 @@ class ObjectStore:
         except Exception:
             return False
 
+    def reads(self, bucket: str) -> tuple[int, int]:
+        """(GET requests answered, bytes sent) for ``bucket`` since the server started,
+        from the server's own counters (needs ``metrics_port``)."""
+        import re
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+
+        def counter(pattern: str) -> int:
+            return sum(int(float(v)) for v in re.findall(pattern + r"\} (\S+)", text))
+
+        gets = counter(rf'SeaweedFS_s3_request_total\{{bucket="{bucket}",code="2\d\d",type="GET"')
+        sent = counter(rf'SeaweedFS_s3_bucket_traffic_sent_bytes_total\{{bucket="{bucket}"')
+        return gets, sent
+
     def client(self):
         import boto3
 
@@ -431,6 +452,6 @@ class ObjectStore:
 
 
 def object_store(
-    root: Path, ports: list[int], tls: bool = False
+    root: Path, ports: list[int], tls: bool = False, metrics_port: int | None = None
 ) -> contextlib.AbstractContextManager[ObjectStore]:
-    return running(ObjectStore(root, ports, tls))
+    return running(ObjectStore(root, ports, tls, metrics_port))

@@ -114,7 +114,12 @@ def write_shards(
 
 
 def prepare_shards(
-    out: str, num_train: int, num_val: int = 16, num_test: int = 16, force: bool = False
+    out: str,
+    num_train: int,
+    num_val: int = 16,
+    num_test: int = 16,
+    force: bool = False,
+    chunk_bytes: str = "1MB",
 ) -> bool:
     """What a user's preparation script does with ``train_template.shards``: skip data that
     is up to date (fingerprint), else write every split into staging and swap them in (a
@@ -122,12 +127,12 @@ def prepare_shards(
     True when written."""
     from train_template.shards import exclusive, is_up_to_date, staged_splits
 
-    fingerprint = f"write_shards-{num_train}-{num_val}-{num_test}"
+    fingerprint = f"write_shards-{num_train}-{num_val}-{num_test}-{chunk_bytes}"
     with exclusive(out):
         if not force and is_up_to_date(out, fingerprint):
             return False
         with staged_splits(out, {"fingerprint": fingerprint}) as staging:
-            write_shards(staging, num_train, num_val, num_test)
+            write_shards(staging, num_train, num_val, num_test, chunk_bytes)
     return True
 
 

@@ -9,21 +9,20 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from litdata import StreamingDataset
 from torch.utils.data import DataLoader, Dataset
 
-from train_template.errors import UserError
+from train_template.chunk_cache import WindowCache
 from train_template.layout import TrainLayout
 from train_template.order_loader import loader_layout
 from train_template.seam.litdata import (
-    chunk_cache_budget,
     chunk_sizes,
-    map_every_chunk,
+    keep_downloaded_chunks,
     read_whole_chunks,
     view_as_rank,
 )
-from train_template.storage import size_text
 
 
 class GlobalOrderTrain:
@@ -34,31 +33,16 @@ class GlobalOrderTrain:
 
     def __init__(self, data: Any) -> None:
         self.data = data  # the StreamingDataModule
+        self.cache: WindowCache | None = None  # remote shards only
 
     def prepare(self, dataset: StreamingDataset) -> StreamingDataset:
-        """The train dataset as one rank that sees every item, chunks read whole."""
+        """The train dataset as one rank that sees every item, chunks read whole; remote
+        shards with the cache of the windows in use (``chunk_cache.py``)."""
         read_whole_chunks(dataset)
-        self.check_cache(dataset)
+        if dataset.input_dir.url:
+            chunks = self.data.split_chunks("train")
+            self.cache = WindowCache(dataset, dataset.input_dir.url, chunks)
         return view_as_rank(dataset, 1, 0)
-
-    def check_cache(self, dataset: StreamingDataset) -> None:
-        """Remote shards: the split must fit litdata's local chunk cache. Reads by index
-        move between chunks all the time, and litdata (0.2.76) deletes a chunk as soon as a
-        read leaves it when the split exceeds its budget: measured, 62.6x the split's bytes
-        downloaded in one permutation, a ``ChunkWaitTimeoutError`` after 120 s in the
-        blockwise order (docs/benchmarks.md 10d). One line instead, before any work."""
-        budget = chunk_cache_budget(dataset)
-        if budget is None:
-            return  # local shards: read in place, nothing cached
-        needed = self.data.split_bytes("train")
-        if needed > budget:
-            raise UserError(
-                f"the train split at {self.data.split_dir('train')} is {size_text(needed)} "
-                f"but litdata's local chunk cache may hold {size_text(budget)} "
-                "(MAX_CACHE_SIZE, else 75% of the free disk): the global order reads items "
-                "across chunks and needs every chunk cached; free disk space or raise "
-                "MAX_CACHE_SIZE, or train with --data.global_order false (litdata's stream)"
-            )
 
     def setup(self) -> None:
         """Nothing to check here: the plan checks the global order's batches."""
@@ -68,7 +52,7 @@ class GlobalOrderTrain:
         if "train" not in data.datasets:
             data.datasets["train"] = data.make_dataset("train")
         return DataLoader(
-            ItemsOf(data.datasets["train"]),
+            ItemsOf(data.datasets["train"], self.cache),
             batch_size=data.batch_size,
             shuffle=data.shuffle,
             drop_last=data.drop_last,
@@ -92,7 +76,7 @@ def owned_bytes(item: Any) -> Any:
 
     litdata (0.2.76) returns a ``bytes`` field as a ``memoryview`` into the chunk whenever
     it reads from a memory-mapped chunk (local shards, and every chunk read by index,
-    ``seam.litdata.map_every_chunk``). A view cannot be pickled: a collate that passes it on
+    ``seam.litdata.keep_downloaded_chunks``). A view cannot be pickled: a collate that passes it on
     makes a loader worker fail to send its batch, which torch only prints in the worker
     while the main process waits for that batch for ever; it also pins the chunk's map.
     One copy per field (3 KB: well under a microsecond) removes both. Lightning's
@@ -122,21 +106,43 @@ class ItemsOf(Dataset):
     """A ``StreamingDataset`` read by index (``dataset[i]``): a map-style dataset, so that
     the train loader can take the global order's sampler."""
 
-    def __init__(self, dataset: StreamingDataset) -> None:
+    def __init__(self, dataset: StreamingDataset, cache: WindowCache | None = None) -> None:
         self.dataset = dataset
+        self.cache = cache  # remote shards: the chunks kept locally
         self.length = len(dataset)  # every item: read as one rank, no shuffle, no drop
-        self.mapped_in: int | None = None  # the process whose reader maps every chunk
+        self.reader_set_in: int | None = None  # the process whose reader is set up
+        self.chunk_starts: np.ndarray | None = None  # each chunk's end index, when needed
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> Any:
-        return self.dataset[index]
+        item = self.dataset[index]
+        self.own_reader()
+        return item
+
+    def own_reader(self) -> None:
+        """Once per process, after its first read (litdata makes its reader then):
+        every chunk memory-mapped, downloads kept until :meth:`keep_chunks` drops them."""
+        if self.reader_set_in != os.getpid() and keep_downloaded_chunks(self.dataset):
+            self.reader_set_in = os.getpid()
 
     def chunk_sizes(self) -> list[int]:
         """Items per chunk in index order: the global order's shuffle blocks, so that a
         rank reads a few chunks at a time (``order.py``)."""
         return chunk_sizes(self.dataset)
+
+    def chunk_of(self, indices: list[int]) -> np.ndarray:
+        """The chunk number of each index."""
+        if self.chunk_starts is None:
+            self.chunk_starts = np.cumsum(self.chunk_sizes())
+        return np.searchsorted(self.chunk_starts, indices, side="right")
+
+    def keep_chunks(self, chunks: Any, most: int) -> None:
+        """The global order's sampler says which chunks are read from now on
+        (``GlobalOrderSampler(keep_blocks=...)``): a remote split's cache drops the rest."""
+        if self.cache is not None:
+            self.cache.keep(chunks, most)
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
         """A whole micro-batch (torch's loader asks for it in one call): read in index
@@ -145,9 +151,8 @@ class ItemsOf(Dataset):
         download thread for remote data, a page read locally); a random batch read in
         its own order switches at almost every item."""
         ordered = sorted(set(indices))
-        items = {ordered[0]: self.dataset[ordered[0]]}
-        if self.mapped_in != os.getpid():  # litdata's reader exists after a read, per process
-            self.mapped_in = os.getpid()
-            map_every_chunk(self.dataset)
+        if self.cache is not None:
+            self.cache.fetch(np.unique(self.chunk_of(ordered)))
+        items = {ordered[0]: self[ordered[0]]}
         items.update((index, self.dataset[index]) for index in ordered[1:])
         return [items[index] for index in indices]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 from typing import Any
@@ -64,27 +65,54 @@ def read_whole_chunks(dataset: Any) -> None:
     dataset._on_demand_bytes = False
 
 
-def map_every_chunk(dataset: Any) -> bool:
-    """Let litdata memory-map every chunk of ``dataset`` for reads by index; False (and
-    nothing changed) where it may delete chunks it has read.
+def keep_downloaded_chunks(dataset: Any) -> bool:
+    """After a read by index in this process: litdata's reader keeps every chunk it
+    downloads (the template's ``chunk_cache.WindowCache`` removes them) and memory-maps
+    every chunk; False (nothing changed) before this process's reader exists.
 
     litdata 0.2.76 maps only the chunks it assigned to a worker's own stream
     (``Reader.enable_mmap_for_chunks``, called from ``StreamingDataset.__iter__``); a read by
     index (``dataset[i]``) of any other chunk opens the chunk file and, with per-item
     decoding, reads it whole for each item: about 1 ms an item from a remote dataset's
-    local cache (840 against 41,000 items/s mapped, 3 KB items). Mapping is unsafe only
-    where litdata deletes read chunks to stay under ``max_cache_size`` (a mapped file
-    deleted under the map crashes the process), which its download thread decides once
-    for the dataset (``_delete_chunks_when_processed``); the cache exists after a read.
+    local cache (840 against 41,000 items/s mapped, 3 KB items). Its download thread
+    (remote shards) deletes a chunk when a read leaves it once the split exceeds its budget
+    (``_delete_chunks_when_processed``, else when its byte count passes ``_max_cache_size``);
+    with neither, it still counts a delete request per chunk switch (its prefetch slots are
+    freed by them) in a queue it never empties, kept here to its last entry. Mapping is
+    safe with the template's removals: a removed file stays mapped until unmapped, and
+    litdata publishes a new download under a new inode (temp file and rename).
     """
     reader = dataset.cache._reader if dataset.cache is not None else None
     if reader is None or reader._config is None:
         return False
     thread = reader._prepare_thread
-    if thread is not None and thread._delete_chunks_when_processed:
-        return False
+    if thread is not None:
+        reader._max_cache_size = thread._max_cache_size = _NO_BUDGET
+        thread._delete_chunks_when_processed = False
+        thread._chunks_index_to_be_deleted = collections.deque(maxlen=1)
     reader.enable_mmap_for_chunks(set(range(len(reader._config._chunks))))
     return True
+
+
+_NO_BUDGET = 1 << 62  # bytes: never "over budget" (None would stop its prefetch slots)
+
+
+def chunk_downloader(dataset: Any, folder: str, chunks: list[dict]) -> Any:
+    """litdata's downloader of a remote ``StreamingDataset``'s chunks into ``folder``
+    (``chunks``: its index entries in chunk order); ``download_chunk_from_index(i)``
+    publishes chunk ``i`` by rename and skips a chunk another process is downloading
+    (0.2.76: ``get_downloader``; the same client options as the dataset's reader)."""
+    from litdata.streaming.downloader import get_downloader
+
+    return get_downloader(
+        dataset.input_dir.url, folder, chunks, dataset.storage_options, dataset.session_options
+    )
+
+
+def chunk_files(dataset: Any) -> tuple[str, list[str]]:
+    """(the local folder litdata caches a remote ``StreamingDataset``'s chunks in, each
+    chunk's file name in chunk order): ``input_dir.path`` and ``subsampled_files`` (0.2.76)."""
+    return dataset.input_dir.path, list(dataset.subsampled_files)
 
 
 def chunk_sizes(dataset: Any) -> list[int]:
