@@ -1,15 +1,14 @@
 """Reads from object storage per epoch, by sample order, with a local chunk cache of a
-quarter of the dataset: chunk downloads (GETs of whole chunks) and bytes downloaded over
-one epoch of the train loader, in the blockwise global order (the default; windows of 4
-chunks here, so that two windows fit the cache), in one permutation of all samples (the
-order before windows) and in litdata's own stream, each from a cold cache.
+quarter of the dataset: GET requests and bytes sent by the store over two epochs of the
+train loader, in the blockwise global order (the default; windows of 4 chunks here, so
+that two windows fit the cache), in one permutation of all samples (the order before
+windows) and in litdata's own stream, each from a cold cache, and samples/s.
 
-    .venv/bin/python scripts/bench/bench_order_s3.py [--samples 20000]
+    .venv/bin/python scripts/bench/bench_order_s3.py [--samples 20000] [--workers 0]
 
 The store is a real SeaweedFS server on loopback (the test suite's ``tests/cluster.py``),
-stopped by its pid. The count wraps litdata's ``S3Downloader.download_file`` (every
-chunk download goes through it; main process, no loader workers). Read amplification is
-bytes downloaded over the dataset's bytes.
+stopped by its pid; the counts are the server's own (its Prometheus counters, one bucket
+per case). Read amplification is bytes sent over the train split's bytes per epoch.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import bench_args, machine, synthetic_source
@@ -29,61 +29,63 @@ from conftest import free_port  # noqa: E402
 
 from examples.digits.data import DigitsDataModule  # noqa: E402
 from examples.digits.prepare import prepare  # noqa: E402
+from train_template.errors import UserError  # noqa: E402
 from train_template.order import GlobalOrderSampler  # noqa: E402
-from train_template.order_loader import loader_order  # noqa: E402
+from train_template.order_loader import chunk_keeper, loader_order, reads_behind  # noqa: E402
+from train_template.seam.litdata import set_loader_epoch  # noqa: E402
 from train_template.seam.loop import loader_with_sampler  # noqa: E402
 
-BATCH, WINDOW = 256, 4
-DOWNLOADS = {"count": 0, "bytes": 0}
+BATCH, WINDOW, EPOCHS = 256, 4, 2
 
 
-def count_downloads() -> None:
-    from litdata.streaming.downloader import S3Downloader
-
-    original = S3Downloader.download_file
-
-    def counted(self, remote_filepath: str, local_filepath: str) -> None:
-        original(self, remote_filepath, local_filepath)
-        if os.path.exists(local_filepath):
-            DOWNLOADS["count"] += 1
-            DOWNLOADS["bytes"] += os.path.getsize(local_filepath)
-
-    S3Downloader.download_file = counted
-
-
-def one_epoch(url: str, order: str, cache_bytes: int) -> tuple[int, int, int]:
-    """(chunk downloads, bytes downloaded, samples) of one epoch from a cold cache."""
-    data = DigitsDataModule(url, batch_size=BATCH, shuffle=True, global_order=order != "stream")
+def epochs(url: str, order: str, cache_bytes: int, workers: int) -> tuple[int, float]:
+    """(samples read, seconds) over EPOCHS epochs of the train loader from a cold cache."""
+    data = DigitsDataModule(
+        url, batch_size=BATCH, shuffle=True, global_order=order != "stream", num_workers=workers
+    )
     data.setup("fit")
-    dataset = data.datasets["train"]
-    dataset.max_cache_size = cache_bytes  # litdata's cache budget, read when its cache is made
+    data.datasets["train"].max_cache_size = cache_bytes  # litdata's budget, read when used
     loader = data.train_dataloader()
     if order != "stream":
         settings = loader_order(loader)
         window = {"shuffle_window": WINDOW if order == "blockwise" else None}
-        loader = loader_with_sampler(
-            loader, GlobalOrderSampler(settings.global_order(1, 1, window), 1, 0, BATCH)
+        sampler = GlobalOrderSampler(
+            settings.global_order(1, 1, window),
+            1,
+            0,
+            BATCH,
+            keep_blocks=chunk_keeper(loader, settings),
+            reads_behind=reads_behind(loader, 1),
         )
-    DOWNLOADS.update(count=0, bytes=0)
-    samples = sum(len(batch["label"]) for batch in loader)
-    return DOWNLOADS["count"], DOWNLOADS["bytes"], samples
+        loader = loader_with_sampler(loader, sampler)
+    samples, start = 0, time.perf_counter()
+    for epoch in range(EPOCHS):
+        if order == "stream":
+            set_loader_epoch(loader, epoch)
+        else:
+            sampler.set_epoch(epoch)
+        samples += sum(len(batch["label"]) for batch in loader)
+    return samples, time.perf_counter() - start
 
 
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    args = bench_args(__doc__, 20_000)
-    count_downloads()
+    parser = bench_args(__doc__, 20_000, parse=False)
+    parser.add_argument("--workers", type=int, default=0)
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "store").mkdir()
-        with object_store(tmp / "store", [free_port() for _ in range(9)]) as store:
+        ports = [free_port() for _ in range(10)]
+        with object_store(tmp / "store", ports[:9], metrics_port=ports[9]) as store:
             os.environ.update(store.env)
             source = synthetic_source(tmp / "synthetic.npz", args.samples)
             lines = [f"# Reads per epoch from object storage ({machine()})", ""]
             rows = []
             for order in ("blockwise", "one permutation", "stream"):
-                # A fresh prefix per case: litdata caches chunks per URL (a cold cache).
-                url = f"s3://{store.bucket('bench')}/shards-{order.replace(' ', '-')}"
+                # A bucket per case: the server counts per bucket; a cold cache per URL.
+                bucket = store.bucket(f"bench-{order.replace(' ', '-')}")
+                url = f"s3://{bucket}/shards"
                 prepare(str(source), url, num_workers=0, chunk_bytes="1MB", log=lambda *_: None)
                 from litdata import StreamingDataset
 
@@ -91,22 +93,26 @@ def main() -> None:
                 train[0]  # litdata reads the index at the first item
                 chunks = train.cache._reader.config._chunks
                 total = sum(chunk["chunk_bytes"] for chunk in chunks)
+                gets_before, sent_before = store.reads(bucket)
                 try:
-                    count, downloaded, samples = one_epoch(url, order, total // 4)
-                except Exception as error:  # litdata's reader gave up: the row says how
-                    cells = [f"{type(error).__name__} after {DOWNLOADS['count']} downloads"]
-                    cells += [f"{DOWNLOADS['bytes'] / 1e6:.1f}", "", ""]
+                    samples, seconds = epochs(url, order, total // 4, args.workers)
+                except UserError as error:  # the cache budget is refused before any read
+                    cells = ["refused: " + str(error)[:60] + "...", "", "", "", ""]
                 else:
-                    cells = [count, f"{downloaded / 1e6:.1f}", f"{downloaded / total:.2f}", samples]
+                    gets, sent = store.reads(bucket)
+                    gets, sent = (gets - gets_before) / EPOCHS, (sent - sent_before) / EPOCHS
+                    cells = [f"{gets:.0f}", f"{sent / 1e6:.1f}", f"{sent / total:.2f}"]
+                    cells += [samples // EPOCHS, f"{samples / seconds:.0f}"]
                 cells = [order, len(chunks), f"{total / 1e6:.1f}", *cells]
                 rows.append("| " + " | ".join(str(cell) for cell in cells) + " |")
                 print(rows[-1], file=sys.stderr, flush=True)
             lines += [
                 f"{args.samples} samples of 3x32x32 uint8 (train split), 1 MB chunks, cache "
-                f"budget a quarter of the train split, blockwise windows of {WINDOW} chunks",
+                f"budget a quarter of the train split, blockwise windows of {WINDOW} chunks, "
+                f"{args.workers} loader workers, per epoch over {EPOCHS} epochs",
                 "",
-                "| order | chunks | train MB | chunk downloads | MB downloaded | read amplification | samples read |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+                "| order | chunks | train MB | GETs | MB sent | read amplification | samples read | samples/s |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
                 *rows,
             ]
             print("\n".join(lines))

@@ -17,11 +17,15 @@ silence_known_messages()
 
 
 def bench_args(
-    doc: str | None, samples: int | None = None, device: bool = False, flags: tuple = ()
+    doc: str | None,
+    samples: int | None = None,
+    device: bool = False,
+    flags: tuple = (),
+    parse: bool = True,
 ):
     """--repeats (and --samples where the benchmark sizes its data, --accelerator and
     --precision where it can run on a GPU, and the benchmark's own on/off ``flags``:
-    (name, help) pairs)."""
+    (name, help) pairs); the parser itself with ``parse=False``, for more options."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc)
@@ -33,7 +37,7 @@ def bench_args(
         parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
     for name, help_text in flags:
         parser.add_argument(f"--{name}", action="store_true", help=help_text)
-    return parser.parse_args()
+    return parser.parse_args() if parse else parser
 
 
 def quiet_trainer(callbacks: list, root: str, logger=False, trainer_class=None, **overrides):
