@@ -6,6 +6,7 @@ in its global order (``order_loader.py``) as it trains any user's
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any
 
@@ -18,8 +19,11 @@ from train_template.chunk_cache import WindowCache
 from train_template.layout import TrainLayout
 from train_template.order_loader import loader_layout
 from train_template.seam.litdata import (
-    chunk_sizes,
+    chunk_files,
+    chunk_regions,
+    item_decoder,
     keep_downloaded_chunks,
+    map_chunk,
     read_whole_chunks,
     view_as_rank,
 )
@@ -106,37 +110,43 @@ class ItemsOf(Dataset):
     """A ``StreamingDataset`` read by index (``dataset[i]``): a map-style dataset, so that
     the train loader can take the global order's sampler."""
 
+    MAPS_KEPT = 64  # chunk maps a process keeps (a window's chunks, by default)
+
     def __init__(self, dataset: StreamingDataset, cache: WindowCache | None = None) -> None:
         self.dataset = dataset
         self.cache = cache  # remote shards: the chunks kept locally
         self.length = len(dataset)  # every item: read as one rank, no shuffle, no drop
-        self.reader_set_in: int | None = None  # the process whose reader is set up
-        self.chunk_starts: np.ndarray | None = None  # each chunk's end index, when needed
+        regions = np.asarray(chunk_regions(dataset), dtype=np.int64).reshape(-1, 2)
+        self.chunk_ends = np.cumsum(regions[:, 1] - regions[:, 0])  # in index order
+        # A chunk's row of index i: i + row_shift[chunk] (rows before its region skipped).
+        self.row_shift = regions[:, 0] - (self.chunk_ends - (regions[:, 1] - regions[:, 0]))
+        self.folder, self.files = chunk_files(dataset)
+        self.process: int | None = None  # the process the fields below belong to
+        self.decode: Any = None  # seam.litdata.item_decoder, once this process has read
+        self.maps: collections.OrderedDict = collections.OrderedDict()
+
+    def __getstate__(self) -> dict:
+        """A loader worker's copy (spawned workers get it pickled): no maps, no reader."""
+        state = dict(self.__dict__)
+        state.update(process=None, decode=None, maps=collections.OrderedDict())
+        return state
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> Any:
         item = self.dataset[index]
-        self.own_reader()
+        if self.process != os.getpid() and keep_downloaded_chunks(self.dataset):
+            # Once per process, after its first read (litdata makes its reader then).
+            self.process = os.getpid()
+            self.decode = item_decoder(self.dataset)
+            self.maps = collections.OrderedDict()
         return item
-
-    def own_reader(self) -> None:
-        """Once per process, after its first read (litdata makes its reader then):
-        every chunk memory-mapped, downloads kept until :meth:`keep_chunks` drops them."""
-        if self.reader_set_in != os.getpid() and keep_downloaded_chunks(self.dataset):
-            self.reader_set_in = os.getpid()
 
     def chunk_sizes(self) -> list[int]:
         """Items per chunk in index order: the global order's shuffle blocks, so that a
         rank reads a few chunks at a time (``order.py``)."""
-        return chunk_sizes(self.dataset)
-
-    def chunk_of(self, indices: list[int]) -> np.ndarray:
-        """The chunk number of each index."""
-        if self.chunk_starts is None:
-            self.chunk_starts = np.cumsum(self.chunk_sizes())
-        return np.searchsorted(self.chunk_starts, indices, side="right")
+        return np.diff(self.chunk_ends, prepend=0).tolist()
 
     def keep_chunks(self, chunks: Any, most: int) -> None:
         """The global order's sampler says which chunks are read from now on
@@ -147,12 +157,33 @@ class ItemsOf(Dataset):
     def __getitems__(self, indices: list[int]) -> list[Any]:
         """A whole micro-batch (torch's loader asks for it in one call): read in index
         order, i.e. chunk by chunk and in file order within a chunk, and returned in the
-        order asked for. litdata pays for every switch of chunk (a round trip through its
-        download thread for remote data, a page read locally); a random batch read in
-        its own order switches at almost every item."""
+        order asked for. Remote chunks are fetched first (``chunk_cache.py``); plain items
+        are then sliced from each chunk's memory map and decoded by litdata
+        (``seam.litdata.item_decoder``: a third of litdata's own cost per read), anything
+        else is read through ``dataset[i]``."""
         ordered = sorted(set(indices))
+        chunks = np.searchsorted(self.chunk_ends, ordered, side="right")
         if self.cache is not None:
-            self.cache.fetch(np.unique(self.chunk_of(ordered)))
+            self.cache.fetch(np.unique(chunks))
         items = {ordered[0]: self[ordered[0]]}
-        items.update((index, self.dataset[index]) for index in ordered[1:])
+        if self.decode is None:
+            items.update((index, self.dataset[index]) for index in ordered[1:])
+        else:
+            rows = (np.asarray(ordered) + self.row_shift[chunks]).tolist()
+            for index, chunk, row in zip(ordered[1:], chunks[1:].tolist(), rows[1:], strict=True):
+                view, offsets = self.chunk_map(chunk)
+                items[index] = self.decode(view[offsets[row] : offsets[row + 1]])
         return [items[index] for index in indices]
+
+    def chunk_map(self, chunk: int) -> tuple[memoryview, np.ndarray]:
+        """A chunk's map and item offsets (``seam.litdata.map_chunk``), the most recently
+        read ``MAPS_KEPT`` kept. A map outlives the removal of its file (a remote chunk
+        dropped by the cache) until it leaves this list."""
+        found = self.maps.get(chunk)
+        if found is None:
+            found = self.maps[chunk] = map_chunk(os.path.join(self.folder, self.files[chunk]))
+            if len(self.maps) > self.MAPS_KEPT:
+                self.maps.popitem(last=False)
+        else:
+            self.maps.move_to_end(chunk)
+        return found
