@@ -42,3 +42,22 @@ def test_owned_bytes_keeps_the_structure_of_a_sample():
     sample = {"a": view, "b": [view, 1], "c": (view, "x"), "d": 2.5}
     assert owned_bytes(sample) == {"a": b"abc", "b": [b"abc", 1], "c": (b"abc", "x"), "d": 2.5}
     assert type(owned_bytes(sample)["b"][0]) is bytes
+
+
+def test_a_micro_batch_read_from_the_chunk_maps_equals_litdatas_own_reads(tmp_path):
+    """The global order slices a micro-batch's items from each chunk's memory map and
+    has litdata decode them (``ItemsOf.__getitems__``, ``seam.litdata.item_decoder``):
+    the same items, transformed the same way, as litdata's ``dataset[i]``, in the order
+    asked for, across 20 chunks of 50 items."""
+    import numpy as np
+
+    data = write_shards(tmp_path / "data", 1000, chunk_bytes="4KB")
+    module = SamplesAsTheyCome(str(data), batch_size=16)
+    module.setup("fit")
+    items = module.train_dataloader().dataset
+    assert len(items.chunk_sizes()) == 20
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        indices = rng.choice(1000, 16, replace=False).tolist()
+        assert items.__getitems__(indices) == [items.dataset[i] for i in indices]
+    assert items.decode is not None  # the maps were used, not litdata's reader

@@ -157,7 +157,7 @@ class GlobalOrder:
         key = ("blocks", epoch)
         if key not in self._built:
             starts = self._block_starts()
-            for stale in [k for k in self._built if k != "starts"]:
+            for stale in [k for k in self._built if k not in ("starts", "numbers")]:
                 del self._built[stale]  # one epoch at a time
             rng = np.random.default_rng([self.seed, epoch, _RNG_BLOCKS])
             blocks = rng.permutation(len(starts) - 1)
@@ -236,9 +236,13 @@ class GlobalOrder:
 
     def _block_numbers(self) -> np.ndarray:
         """The dataset's number of each block: chunks without items are never blocks."""
-        if isinstance(self.block_sizes, int):
-            return np.arange(len(self._block_starts()) - 1)
-        return np.flatnonzero(np.asarray(self.block_sizes) > 0)
+        if "numbers" not in self._built:
+            if isinstance(self.block_sizes, int):
+                numbers = np.arange(len(self._block_starts()) - 1)
+            else:
+                numbers = np.flatnonzero(np.asarray(self.block_sizes) > 0)
+            self._built["numbers"] = numbers
+        return self._built["numbers"]
 
     def settings(self) -> tuple[tuple[str, object], ...]:
         """What fixes this order, as a plan's ``data_order`` keeps it for a resume."""
