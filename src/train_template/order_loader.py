@@ -117,9 +117,9 @@ def loader_layout(
 
 
 def chunk_keeper(loader: Any, settings: LoaderOrder) -> Any:
-    """The dataset's ``keep_chunks(chunks, most)``, if it has one and states its chunks:
-    the sampler tells it which chunks the ranks read from now on (a cache of remote chunks
-    drops the others; ``chunk_cache.py``)."""
+    """The dataset's ``keep_chunks(chunks, most)``, if it has one (not None) and states its
+    chunks: the sampler tells it which chunks the ranks read from now on (a cache of remote
+    chunks drops the others; ``chunk_cache.py``)."""
     keep = getattr(loader.dataset, "keep_chunks", None)
     return keep if callable(keep) and settings.chunk_sizes is not None else None
 

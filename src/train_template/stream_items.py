@@ -115,6 +115,9 @@ class ItemsOf(Dataset):
     def __init__(self, dataset: StreamingDataset, cache: WindowCache | None = None) -> None:
         self.dataset = dataset
         self.cache = cache  # remote shards: the chunks kept locally
+        # The global order's sampler says which chunks are read from now on
+        # (``GlobalOrderSampler(keep_blocks=...)``); local shards need not hear it.
+        self.keep_chunks = cache.keep if cache is not None else None
         self.length = len(dataset)  # every item: read as one rank, no shuffle, no drop
         regions = np.asarray(chunk_regions(dataset), dtype=np.int64).reshape(-1, 2)
         self.chunk_ends = np.cumsum(regions[:, 1] - regions[:, 0])  # in index order
@@ -147,12 +150,6 @@ class ItemsOf(Dataset):
         """Items per chunk in index order: the global order's shuffle blocks, so that a
         rank reads a few chunks at a time (``order.py``)."""
         return np.diff(self.chunk_ends, prepend=0).tolist()
-
-    def keep_chunks(self, chunks: Any, most: int) -> None:
-        """The global order's sampler says which chunks are read from now on
-        (``GlobalOrderSampler(keep_blocks=...)``): a remote split's cache drops the rest."""
-        if self.cache is not None:
-            self.cache.keep(chunks, most)
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
         """A whole micro-batch (torch's loader asks for it in one call): read in index
