@@ -120,7 +120,9 @@ def test_remote_shards_larger_than_the_chunk_cache_are_refused_in_one_line(store
             patch.setenv(name, value)
         forget_object_store_clients()
         assert prepare_shards(url, 64, 16, 16)
-    env = {**store.env, "MAX_CACHE_SIZE": "1KB"}
+    # Room for the validation split's one chunk (litdata's own stream would otherwise
+    # wait 30 s for a cache slot), not for the train split's one chunk of 6 KB.
+    env = {**store.env, "MAX_CACHE_SIZE": "3000"}
     root = tmp_path / "run"
     result = run([*train_cmd("fit", root, url), "--trainer.max_epochs", "1"], env=env, check=False)
     status, stderr = result.returncode, result.stderr
@@ -128,7 +130,7 @@ def test_remote_shards_larger_than_the_chunk_cache_are_refused_in_one_line(store
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: the global order keeps up to 1 of the 1 chunks of "), line
     assert f"the train split at {url}/train cached at once (" in line, line
-    assert "but litdata's local chunk cache may hold 1000 bytes (MAX_CACHE_SIZE" in line, line
+    assert "but litdata's local chunk cache may hold 2.9 KB (MAX_CACHE_SIZE" in line, line
     assert line.endswith("raise MAX_CACHE_SIZE or free disk space"), line
     assert "Traceback" not in stderr
     assert not (root / "checkpoints").exists()
