@@ -42,6 +42,7 @@ def shards(tmp_path_factory) -> Path:
     return write_shards(tmp_path_factory.mktemp("secret-shards"), 160, num_val=32, num_test=32)
 
 
+@pytest.mark.slow  # a fit, a resume and every command with secrets set: 28 s
 def test_secrets_are_in_no_file_and_no_output_of_a_local_run(tmp_path, shards):
     token, key = f"tok-{uuid.uuid4().hex}", f"key-{uuid.uuid4().hex}"
     run_dir = tmp_path / "run"

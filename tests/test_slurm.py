@@ -128,6 +128,7 @@ def assert_like_the_reference(reference: Path, run_dir: Path) -> None:
     }
 
 
+@pytest.mark.slow  # two requeues of a real SLURM job: 42 s (the quick subset keeps one preemption)
 def test_sigusr1_twice_saves_requeues_and_resumes_exactly(cluster, shards, reference, tmp_path):
     """SIGUSR1 (what --signal=SIGUSR1@90 sends): every rank saves at the next agreed step
     boundary and rank 0 requeues with scontrol; twice."""
