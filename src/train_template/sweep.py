@@ -40,7 +40,6 @@ from train_template.errors import UserError
 from train_template.seam.optuna import storage_of, trial_id
 from train_template.sweep_trial import PRUNED_AT, TRIAL_ENV, TrialLink, make_pruner, open_storage
 
-REPO_ENTRY = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0].endswith(".py") else None
 KINDS = ("float", "int", "categorical")
 
 
@@ -173,8 +172,11 @@ def metric_and_direction(
 
 
 def entry() -> Path:
-    """``train.py`` (the script that started this process)."""
-    return REPO_ENTRY or Path("train.py").resolve()
+    """``train.py``: the script of this command (read when asked: a process that imported
+    this module for something else, e.g. ``python -m pytest``, has another script), else
+    ``train.py`` in the working directory."""
+    script = sys.argv[0] if sys.argv else ""
+    return Path(script if script.endswith(".py") else "train.py").resolve()
 
 
 @contextmanager
