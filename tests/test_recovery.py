@@ -6,6 +6,7 @@ resumes bitwise identical, with one process and with two."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -140,6 +141,12 @@ def test_sigterm_inside_accumulation_window_resumes_bitwise(tmp_path, shards, la
     batches_per_epoch = {1: 51, 2: 26}[world_size]
     assert batches_done % 8 == 0 or batches_done == batches_per_epoch, "saved inside a window"
     assert 0 < saved["global_step"] < 3 * {1: 7, 2: 4}[world_size], "saved before the end"
+    # The LR of every step trained before the save reaches metrics.csv, also those since
+    # the last logging step (steps.StepLRLog hands them over when the fit stops).
+    (log_dir,) = (resumed / "logs").glob("version_*")
+    rows = csv.DictReader(open(log_dir / "metrics.csv"))
+    lr_steps = [int(row["step"]) for row in rows if row.get("lr-SGD")]
+    assert lr_steps == list(range(saved["global_step"]))
 
     run(fit_args(resumed, shards, *extra, "--ckpt_path", "auto", config=config))
     assert_same_weights(reference, resumed)

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from train_template.seam.checkpoint import ModelCheckpointSeam
+from train_template.seam.loop import skip_idle_batch_hooks
 
 # The defaults of --checkpoint.*: save at the end of every training epoch into
 # <default_root_dir>/checkpoints (cli.py), keep last.ckpt and the newest epoch's file.
@@ -50,6 +51,13 @@ class RunCheckpoint(ModelCheckpointSeam):
         if self._state_key is None:
             self._state_key = super().state_key
         return self._state_key
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # Its only batch hook decides step- and time-triggered saves; with end-of-epoch
+        # saves only (the default) it is not called at all (here, not in __init__: the
+        # CLI reads --checkpoint.* from ModelCheckpoint's own signature).
+        skip_idle_batch_hooks(self, () if self.saves_within_epochs else ("on_train_batch_end",))
 
     def on_train_batch_end(
         self,

@@ -83,14 +83,20 @@ class GlobalOrder:
 
     def indices(self, epoch: int, start: int, stop: int) -> np.ndarray:
         """The sample indices at global positions ``[start, stop)`` of ``epoch``. Positions
-        past the dataset wrap to the epoch's start (the completed last global batch)."""
+        past the dataset wrap to the epoch's start (the completed last global batch). Read
+        only: it may be a view of the order's cached window."""
+        if stop <= start:
+            return np.zeros(0, dtype=np.int64)
+        first = start % self.num_samples
+        if stop - start <= self.num_samples - first:  # no wrap: every batch but the last
+            return self._unwrapped(epoch, first, first + stop - start)
         parts = []
         while start < stop:
             first = start % self.num_samples
             take = min(stop - start, self.num_samples - first)
             parts.append(self._unwrapped(epoch, first, first + take))
             start += take
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return np.concatenate(parts)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sample indices by global position, ``steps_per_epoch * G`` of them (the whole
@@ -135,9 +141,9 @@ class GlobalOrder:
         key = ("full", epoch)
         if key not in self._built:
             self._built.clear()
-            self._built[key] = np.random.default_rng([self.seed, epoch]).permutation(
-                self.num_samples
-            )
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            order.flags.writeable = False  # callers get views of it
+            self._built[key] = order
         return self._built[key]
 
     def _block_starts(self) -> np.ndarray:
@@ -179,7 +185,9 @@ class GlobalOrder:
             chosen = blocks[window * self.shuffle_window : (window + 1) * self.shuffle_window]
             items = np.concatenate([np.arange(starts[b], starts[b + 1]) for b in chosen])
             rng = np.random.default_rng([self.seed, epoch, _RNG_WINDOW, window])
-            self._built[key] = rng.permutation(items)
+            items = rng.permutation(items)
+            items.flags.writeable = False  # callers get views of it
+            self._built[key] = items
         return self._built[key]
 
     def blocks_in_use(self, epoch: int, step: int, behind: int = 1) -> np.ndarray | None:

@@ -43,7 +43,8 @@ At each **batch start**
 At each **optimizer step** (after backward, the DDP all-reduce and AMP unscaling)
   10. an epoch's last, short accumulation window gets the mean gradient of the batches it
       holds (:func:`scale_short_window`);
-  11. the LR of the step goes to the loggers (``lr-<Optimizer>`` in ``metrics.csv``).
+  11. the LR of the step is kept for the loggers (``lr-<Optimizer>`` in ``metrics.csv``;
+      handed over on logging steps, at epoch ends and on an exception).
 
 At each **batch end**
   12. ``isfinite(loss)`` is folded into a flag on the device; on logging steps it is read
@@ -91,6 +92,7 @@ from train_template.seam.loop import (
     is_logging_step,
     release_step_limit,
     set_step_limit,
+    skip_idle_batch_hooks,
     stop_lookahead_of_a_stateful_stream,
 )
 from train_template.sharding import check_data_parallel
@@ -125,7 +127,8 @@ def template_callbacks(
 class RunMachinery(Callback):
     """Every per-run and per-step guarantee of the template, in the order of the module
     docstring. One callback instead of one per concern: Lightning calls every hook of every
-    callback on every step, so fewer callbacks is less time per step."""
+    callback on every step, so fewer callbacks is less time per step (and the hooks it leaves
+    empty are not called, ``seam.loop.skip_idle_batch_hooks``)."""
 
     def __init__(
         self,
@@ -136,9 +139,11 @@ class RunMachinery(Callback):
         self.options = plan or PlanOptions()
         self.lr_schedule = lr_schedule or LRSchedule()
         self.finite = FiniteGuard()
+        self.lr_log = StepLRLog()
         self.preemption = PreemptionSave(preemption or PreemptionOptions())
         self.plan: TrainingPlan | None = None
         self.resume: resume.Resume | None = None  # what a resumed fit's checkpoint brings
+        skip_idle_batch_hooks(self)
 
     @property
     def state_key(self) -> str:
@@ -206,7 +211,7 @@ class RunMachinery(Callback):
     ) -> None:
         if self.options.scale_partial_accumulation:
             scale_short_window(trainer, self.plan, optimizer)
-        log_step_lr(trainer, optimizer)
+        self.lr_log.record(trainer, optimizer)
 
     def on_train_batch_end(
         self,
@@ -219,6 +224,7 @@ class RunMachinery(Callback):
         self.finite.fold(outputs)
         if is_logging_step(trainer):
             self.finite.check_loss(trainer, f"epoch {trainer.current_epoch}, batch {batch_idx}")
+            self.lr_log.flush(trainer)  # before Lightning writes this step's metrics
         # A length in steps, samples or tokens often ends mid-epoch, where Lightning would
         # stop without validating the final weights; asking it to stop here makes it
         # validate them first (the same step on every rank).
@@ -227,8 +233,14 @@ class RunMachinery(Callback):
         self.preemption.after_batch(trainer, batch_idx)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.lr_log.flush(trainer)
         self.finite.check_loss(trainer, f"epoch {trainer.current_epoch}")
         check_stream_lasted(trainer, self.plan)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.lr_log.flush(trainer)  # a preemption exit too; Lightning then finalizes loggers
 
     # -- end of the fit (18) ----------------------------------------------------------
 
@@ -267,19 +279,32 @@ def scale_short_window(trainer: pl.Trainer, plan: TrainingPlan, optimizer: Any) 
                 param.grad.mul_(scale)
 
 
-def log_step_lr(trainer: pl.Trainer, optimizer: Any) -> None:
+class StepLRLog:
     """The LR of every optimizer step in the loggers, as ``lr-<Optimizer>``.
 
     Lightning's LearningRateMonitor writes only on ``log_every_n_steps`` steps, so a
     complete LR curve needed ``log_every_n_steps: 1``, which makes every logged metric a
-    row per step too. This hands one float per step straight to the loggers instead."""
-    if not trainer.loggers:
-        return
-    name = f"lr-{type(optimizer).__name__}"
-    groups = optimizer.param_groups
-    if len(groups) == 1:
-        metrics = {name: groups[0]["lr"]}
-    else:
-        metrics = {f"{name}/pg{i + 1}": group["lr"] for i, group in enumerate(groups)}
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
+    row per step too. Each step's LR is kept here instead (one list append) and handed to
+    the loggers on Lightning's logging steps, at epoch ends and when a fit stops on an
+    exception: handing it over each step ran the loggers' code cold every step, about
+    15 us of a 1 ms step (docs/benchmarks.md, 1f)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    def record(self, trainer: pl.Trainer, optimizer: Any) -> None:
+        if not trainer.loggers:
+            return
+        name = f"lr-{type(optimizer).__name__}"
+        groups = optimizer.param_groups
+        if len(groups) == 1:
+            metrics = {name: groups[0]["lr"]}
+        else:
+            metrics = {f"{name}/pg{i + 1}": group["lr"] for i, group in enumerate(groups)}
+        self.rows.append((trainer.global_step, metrics))
+
+    def flush(self, trainer: pl.Trainer) -> None:
+        rows, self.rows = self.rows, []
+        for logger in trainer.loggers:
+            for step, metrics in rows:
+                logger.log_metrics(metrics, step=step)
