@@ -4,13 +4,17 @@ Same network, same StreamingDataLoader batches, same optimizer and LR schedule. 
 Lightning" is a module with no logging, metrics or callbacks; "template machinery" is
 the same module under the template's trainer with the callbacks the CLI adds to a fit
 (``steps.template_callbacks``: RunMachinery, then RunCheckpoint) and a CSV logger: their
-ratio is the template's own per-step cost, printed by median and by fastest run (on a
-noisy machine the fastest run is the closer estimate of the cost itself). "template +
-example module" adds the digits ClassifierModule (train accuracy, logging as the default
-config does). Timed: the epochs after a warm-up epoch; the tiny size on one thread.
+ratio is the template's own per-step cost, printed by median, by fastest run and paired
+(the median of each round's ratio: the steadiest on a machine whose speed drifts).
+"bare Lightning + epoch-end checkpoint" is Lightning's default checkpointing, which the
+template also does by default (the saves are not timed; the steps after one are). "template
++ example module" adds the digits ClassifierModule (train accuracy, logging as the default
+config does). Timed: the epochs after a warm-up epoch, a fit's figure the median of its
+epochs; the tiny size on one thread.
 
     .venv/bin/python scripts/bench/bench_step.py [--repeats 5]
     .venv/bin/python scripts/bench/bench_step.py --hooks   # the template's own hooks, us per step
+    .venv/bin/python scripts/bench/bench_step.py --calls   # Python calls per step (no noise)
     .venv/bin/python scripts/bench/bench_step.py --accelerator gpu --precision bf16-mixed
 
 On a GPU the raw loop moves each batch to the device and runs under
@@ -19,15 +23,18 @@ On a GPU the raw loop moves each batch to the device and runs under
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import re
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from common import bench_args, interleave, machine, quiet_trainer, table
+from common import bench_args, interleave, machine, paired_ratio, quiet_trainer, table
 
 from examples.digits.data import DigitsDataModule, images_to_float  # noqa: E402
 from examples.digits.module import ClassifierModule  # noqa: E402
@@ -53,23 +60,43 @@ def sync() -> None:
 
 
 class EpochTimer(pl.Callback):
-    """Seconds and steps of every epoch after the first."""
+    """Milliseconds per step of every epoch after the first; a fit's figure is their median
+    (an epoch that a garbage-collector pass or the machine's neighbours slowed is dropped)."""
 
-    seconds, steps = 0.0, 0
+    def __init__(self, profile: cProfile.Profile | None = None) -> None:
+        self.epochs: list[float] = []
+        self.steps = 0
+        self.profile = profile  # --calls: counts the Python calls of the timed epochs
 
     def on_train_epoch_start(self, trainer, pl_module):
         sync()
+        if self.profile is not None and trainer.current_epoch > 0:
+            self.profile.enable()
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
         sync()
+        if self.profile is not None:
+            self.profile.disable()
         if trainer.current_epoch > 0:
-            self.seconds += time.perf_counter() - self.start
+            seconds = time.perf_counter() - self.start
+            self.epochs.append(seconds / trainer.num_training_batches * 1000)
             self.steps += trainer.num_training_batches
+
+    @property
+    def ms_per_step(self) -> float:
+        return statistics.median(self.epochs)
 
 
 def template_epoch(
-    data_dir: Path, network, batch_size: int, epochs: int, log_dir: str, example: bool, **device
+    data_dir: Path,
+    network,
+    batch_size: int,
+    epochs: int,
+    log_dir: str,
+    example: bool,
+    timer: EpochTimer | None = None,
+    **device,
 ) -> float:
     """The machinery as the CLI sets it up; with the bare module (``example=False``) the
     difference to "bare Lightning" is the template's own per-step cost."""
@@ -79,7 +106,7 @@ def template_epoch(
     else:
         model = BareModule(network())
     data = DigitsDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
-    timer = EpochTimer()
+    timer = timer or EpochTimer()
     # Every callback the CLI adds to a fit (RunCheckpoint saves at epoch ends, after the
     # timer has stopped; its per-step hook is timed).
     checkpoint = RunCheckpoint(dirpath=str(Path(log_dir) / "checkpoints"), save_last=True)
@@ -99,7 +126,7 @@ def template_epoch(
         **device,
     )
     trainer.fit(model, data)  # epoch 1 warms up; the timer keeps the others
-    return timer.seconds / timer.steps * 1000
+    return timer.ms_per_step
 
 
 class BareModule(pl.LightningModule):
@@ -123,14 +150,29 @@ class BareModule(pl.LightningModule):
 
 
 def bare_lightning_epoch(
-    data_dir: Path, network, batch_size: int, epochs: int, log_dir: str, **device
+    data_dir: Path,
+    network,
+    batch_size: int,
+    epochs: int,
+    log_dir: str,
+    checkpoint: bool = False,
+    timer: EpochTimer | None = None,
+    **device,
 ) -> float:
+    """``checkpoint``: Lightning's default ModelCheckpoint, a save at every epoch end (as
+    the template's default), outside the timed epochs like the template's."""
     torch.manual_seed(0)
     data = DigitsDataModule(str(data_dir), batch_size=batch_size, shuffle=True)
-    timer = EpochTimer()
-    trainer = quiet_trainer([timer], log_dir, max_epochs=epochs, **device)
+    timer = timer or EpochTimer()
+    trainer = quiet_trainer(
+        [timer],
+        str(Path(log_dir) / "bare"),
+        max_epochs=epochs,
+        enable_checkpointing=checkpoint,
+        **device,
+    )
     trainer.fit(BareModule(network()), data)
-    return timer.seconds / timer.steps * 1000
+    return timer.ms_per_step
 
 
 def raw_epoch(
@@ -202,8 +244,37 @@ def hook_costs(data_dir: Path, log_dir: str, **device) -> str:
     return "\n".join(lines)
 
 
+def call_counts(data_dir: Path, log_dir: str, **device) -> str:
+    """Python function calls per optimizer step in the timed epochs (cProfile), bare
+    Lightning vs the template's machinery at the tiny size: a per-step cost that no
+    neighbour on the machine changes."""
+    network, batch_size, epochs = SIZES["tiny (MLP 64-128-10, batch 32)"]
+    torch.set_num_threads(1)
+    lines = ["| case | Python calls per step |", "| --- | ---: |"]
+    counts = []
+    for name, fit in (
+        ("bare Lightning", bare_lightning_epoch),
+        ("template machinery", partial(template_epoch, example=False)),
+        ("bare Lightning + epoch-end checkpoint", partial(bare_lightning_epoch, checkpoint=True)),
+    ):
+        timer = EpochTimer(cProfile.Profile())
+        fit(data_dir, network, batch_size, epochs, log_dir, timer=timer, **device)
+        calls = sum(entry[1] for entry in pstats.Stats(timer.profile).stats.values())
+        counts.append(calls / timer.steps)
+        lines.append(f"| {name} | {counts[-1]:.0f} |")
+    lines.append(f"| **template machinery / bare Lightning** | **{counts[1] / counts[0]:.3f}x** |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    args = bench_args(__doc__, device=True, flags=[("hooks", "time the template's own hooks")])
+    args = bench_args(
+        __doc__,
+        device=True,
+        flags=[
+            ("hooks", "time the template's own hooks"),
+            ("calls", "count the Python calls per step"),
+        ],
+    )
     device = {"accelerator": args.accelerator, "precision": args.precision}
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,6 +283,10 @@ def main() -> None:
         if args.hooks:
             print(f"# The template's hooks, tiny size\n\n{machine()}\n")
             print(hook_costs(data_dir, tmp, **device))
+            return
+        if args.calls:
+            print(f"# Python calls per step, tiny size\n\n{machine()}\n")
+            print(call_counts(data_dir, tmp, **device))
             return
         print(f"# Per-step time: template vs raw loop\n\n{machine()}, {device}\n")
         for size, (network, batch_size, epochs) in SIZES.items():
@@ -223,6 +298,9 @@ def main() -> None:
                 {
                     "raw PyTorch loop": lambda s=shape: raw_epoch(*s, **device),
                     "bare Lightning": lambda s=shape: bare_lightning_epoch(*s, tmp, **device),
+                    "bare Lightning + epoch-end checkpoint": lambda s=shape: bare_lightning_epoch(
+                        *s, tmp, checkpoint=True, **device
+                    ),
                     "template machinery": lambda s=shape: template_epoch(*s, tmp, False, **device),
                     "template + example module": lambda s=shape: template_epoch(
                         *s, tmp, True, **device
@@ -234,10 +312,15 @@ def main() -> None:
             median = {name: statistics.median(v) for name, v in results.items()}
             fastest = {name: min(v) for name, v in results.items()}
             machinery, bare = "template machinery", "bare Lightning"
+            saving = "bare Lightning + epoch-end checkpoint"
             print(
                 f"\ntemplate machinery / bare Lightning (same module): "
                 f"{median[machinery] / median[bare]:.3f}x by median, "
-                f"{fastest[machinery] / fastest[bare]:.3f}x by fastest run\n"
+                f"{fastest[machinery] / fastest[bare]:.3f}x by fastest run, "
+                f"{paired_ratio(results, machinery, bare):.3f}x paired (median of each "
+                f"round's ratio); / bare Lightning + epoch-end checkpoint: "
+                f"{median[machinery] / median[saving]:.3f}x by median, "
+                f"{paired_ratio(results, machinery, saving):.3f}x paired\n"
             )
 
 

@@ -61,13 +61,23 @@ def quiet_trainer(callbacks: list, root: str, logger=False, trainer_class=None, 
 
 
 def interleave(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Run every case once per round, ``repeats`` rounds, so drift hits all cases alike."""
+    """Run every case once per round, ``repeats`` rounds, so drift hits all cases alike
+    (every other round in reverse order, so no case always follows the same one)."""
     results: dict[str, list[float]] = {name: [] for name in cases}
     for round_index in range(repeats):
-        for name, case in cases.items():
-            results[name].append(case())
+        names = list(cases) if round_index % 2 == 0 else list(cases)[::-1]
+        for name in names:
+            results[name].append(cases[name]())
         print(f"  round {round_index + 1}/{repeats} done", file=sys.stderr, flush=True)
     return results
+
+
+def paired_ratio(results: dict[str, list[float]], case: str, baseline: str) -> float:
+    """The median over rounds of ``case / baseline`` measured in the same round: on a
+    machine whose speed drifts by more than the difference measured, the ratio of two
+    neighbouring runs is steadier than the ratio of the medians."""
+    pairs = zip(results[case], results[baseline], strict=True)
+    return statistics.median(a / b for a, b in pairs)
 
 
 def table(
