@@ -91,6 +91,7 @@ from train_template.seam.loop import (
     batch_index,
     is_logging_step,
     release_step_limit,
+    set_hook_idle,
     set_step_limit,
     skip_idle_batch_hooks,
     stop_lookahead_of_a_stateful_stream,
@@ -191,6 +192,8 @@ class RunMachinery(Callback):
             if log_dir is not None:
                 write_plan(plan, log_dir)
         self.preemption.install()
+        # Only the first batch of a resumed fit has work at batch start (the RNG states).
+        set_hook_idle(self, "on_train_batch_start", self.resume is None)
 
     # -- every epoch and step (8-15) ------------------------------------------------
 
@@ -205,6 +208,7 @@ class RunMachinery(Callback):
         if self.resume is not None:
             self.resume.restore_rng(trainer.global_rank)
             self.resume = None
+        set_hook_idle(self, "on_train_batch_start", True)  # until the next resumed fit
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -286,8 +290,9 @@ class StepLRLog:
     complete LR curve needed ``log_every_n_steps: 1``, which makes every logged metric a
     row per step too. Each step's LR is kept here instead (one list append) and handed to
     the loggers on Lightning's logging steps, at epoch ends and when a fit stops on an
-    exception: handing it over each step ran the loggers' code cold every step, about
-    15 us of a 1 ms step (docs/benchmarks.md, 1f)."""
+    exception: the loggers' code then runs for all rows at once instead of cold on every
+    step (``on_before_optimizer_step`` 18 -> 6 us of a tiny step, the hand-over about 7 us a
+    step on logging steps; docs/benchmarks.md, 1f)."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, dict[str, float]]] = []

@@ -97,14 +97,22 @@ BATCH_HOOKS = (
 def skip_idle_batch_hooks(callback: Callback, idle: tuple[str, ...] = ()) -> None:
     """Lightning calls every batch hook of every callback, Callback's empty ones too, each
     through a profiler context labelled with the callback's ``state_key``
-    (``trainer/call.py::_call_callback_hooks``): about 2 us per hook, six per training batch,
-    a tenth of a tiny step's cost for two callbacks. It skips a hook attribute that is not
-    callable, so each batch hook this callback's class leaves empty, and each named in
-    ``idle``, is set to None on the instance (Lightning's ``is_overridden`` then says False
-    for it too). No public switch exists."""
+    (``trainer/call.py::_call_callback_hooks``): about 2 us a hook, six hooks per callback
+    per training batch. It skips a hook attribute that is not callable, so each batch hook
+    this callback's class leaves empty, and each named in ``idle``, is set to None on the
+    instance (Lightning's ``is_overridden`` then says False for it too). No public switch
+    exists."""
     for name in BATCH_HOOKS:
         if name in idle or getattr(type(callback), name) is getattr(Callback, name):
-            setattr(callback, name, None)
+            set_hook_idle(callback, name, True)
+
+
+def set_hook_idle(callback: Callback, name: str, idle: bool) -> None:
+    """Skip (``idle``) or call again one hook of this callback (see above)."""
+    if idle:
+        setattr(callback, name, None)
+    else:
+        vars(callback).pop(name, None)  # the class's method again
 
 
 def replace_train_sampler(trainer: pl.Trainer, replace: Any) -> None:
