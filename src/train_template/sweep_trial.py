@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from train_template.seam.loop import skip_idle_batch_hooks
+
 TRIAL_ENV = "TRAIN_TEMPLATE_SWEEP_TRIAL"
 PRUNED_AT = "pruned_at_epoch"  # the trial's user attribute the sweep reads
 
@@ -66,6 +68,7 @@ class TrialReporter(Callback):
     def __init__(self, link: TrialLink) -> None:
         self.link = link
         self._trial = None
+        skip_idle_batch_hooks(self)  # it works after validations only
 
     def _optuna_trial(self):
         if self._trial is None:
