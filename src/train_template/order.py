@@ -127,7 +127,7 @@ class GlobalOrder:
             return self._full_permutation(epoch)[start:stop]
         blocks, window_starts = self._epoch_blocks(epoch)
         parts = []
-        window = int(np.searchsorted(window_starts, start, side="right")) - 1
+        window = int(window_starts.searchsorted(start, side="right")) - 1
         while start < stop:
             items = self._window_items(epoch, window, blocks)
             offset = start - int(window_starts[window])
