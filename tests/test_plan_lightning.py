@@ -10,6 +10,7 @@ of the batches it really holds.
 
 from __future__ import annotations
 
+import csv
 import tempfile
 from pathlib import Path
 
@@ -248,3 +249,42 @@ def test_global_batch_size_derives_the_accumulation_lightning_runs(tmp_path):
     assert (plan.accumulate_grad_batches, plan.global_batch_size) == (8, 64)
     assert trainer.accumulate_grad_batches == 8
     assert trainer.global_step == plan.max_steps == 2 * 5
+
+
+class TensorLRModule(DocsStyleModule):
+    """The docs-style module with a tensor LR, as capturable optimizers take it: its
+    scheduler updates the tensor in place every step."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=torch.tensor(BASE_LR))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def test_metrics_csv_holds_the_lr_of_every_step_also_a_tensor_lr(tmp_path):
+    """The template keeps each step's LR and hands the rows to the loggers on logging steps
+    (steps.StepLRLog): every step's own value arrives, also when the LR is one tensor the
+    scheduler overwrites in place."""
+    trainer = PlannedTrainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=2,
+        limit_val_batches=0,
+        log_every_n_steps=5,
+        logger=pl.loggers.CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=template_callbacks(),
+    )
+    data = ShardData(str(write_shards(tmp_path / "shards", 100)), batch_size=8)
+    trainer.fit(TensorLRModule(dropout=0.0), data)
+    rows = csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv"))
+    lrs = {int(row["step"]): float(row["lr-SGD"]) for row in rows if row.get("lr-SGD")}
+    assert sorted(lrs) == list(range(trainer.global_step)) and trainer.global_step == 26
+    assert [lrs[step] for step in sorted(lrs)] == pytest.approx(
+        [BASE_LR / (step + 1) for step in range(26)]
+    )

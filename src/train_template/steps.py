@@ -74,6 +74,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -303,9 +304,9 @@ class StepLRLog:
         name = f"lr-{type(optimizer).__name__}"
         groups = optimizer.param_groups
         if len(groups) == 1:
-            metrics = {name: groups[0]["lr"]}
+            metrics = {name: _kept(groups[0]["lr"])}
         else:
-            metrics = {f"{name}/pg{i + 1}": group["lr"] for i, group in enumerate(groups)}
+            metrics = {f"{name}/pg{i + 1}": _kept(group["lr"]) for i, group in enumerate(groups)}
         self.rows.append((trainer.global_step, metrics))
 
     def flush(self, trainer: pl.Trainer) -> None:
@@ -313,3 +314,9 @@ class StepLRLog:
         for logger in trainer.loggers:
             for step, metrics in rows:
                 logger.log_metrics(metrics, step=step)
+
+
+def _kept(lr: Any) -> Any:
+    """The LR of this step as it stays: a tensor LR (a capturable optimizer's) is updated in
+    place by its scheduler, so a copy is kept (on its device: no host sync per step)."""
+    return lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
