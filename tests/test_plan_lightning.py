@@ -45,6 +45,23 @@ class StepRecorder(pl.Callback):
         self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
 
 
+def quiet_trainer(root, trainer_class=PlannedTrainer, **overrides) -> pl.Trainer:
+    """A CPU Trainer (the template's, or ``pl.Trainer``) without validation, checkpoints,
+    progress bar or summary (what every fit here shares); ``overrides`` say what a test
+    measures."""
+    settings = dict(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return trainer_class(**{**settings, **overrides})
+
+
 def fit(
     data_dir,
     *,
@@ -76,18 +93,11 @@ def fit(
         global_order=global_order,
     )
     recorder = StepRecorder()
-    trainer = PlannedTrainer(
-        default_root_dir=tempfile.mkdtemp(),  # plan.json goes there, never into the checkout
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
+        tempfile.mkdtemp(),  # plan.json goes there, never into the checkout
         max_epochs=epochs,
         accumulate_grad_batches=accumulate,
         limit_train_batches=limit,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[
             *template_callbacks(PlanOptions(scale_partial_accumulation=scale), schedule),
             recorder,
@@ -169,16 +179,7 @@ def test_the_readmes_example_runs_three_steps_per_epoch(tmp_path):
     from torch.utils.data import DataLoader
 
     loader = DataLoader(DigitsDicts(0, 100), batch_size=8, drop_last=True)
-    plain = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        accumulate_grad_batches=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    plain = quiet_trainer(tmp_path, pl.Trainer, max_epochs=1, accumulate_grad_batches=4)
     plain.fit(DocsStyleModule(), loader)
     trainer, plan, _, _ = fit(
         write_shards(tmp_path / "shards", 100),
@@ -233,15 +234,9 @@ def test_global_batch_size_derives_the_accumulation_lightning_runs(tmp_path):
     # 64 samples per step at batch 8 on one process: accumulate 8; 40 batches -> 5 steps
     data_dir = write_shards(tmp_path, 320)
     data = ShardData(str(data_dir), batch_size=8, drop_last=True)
-    trainer = PlannedTrainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         max_epochs=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=template_callbacks(PlanOptions(global_batch_size=64)),
     )
     trainer.fit(PlannedLRModule(), data)
@@ -268,16 +263,11 @@ def test_metrics_csv_holds_the_lr_of_every_step_also_a_tensor_lr(tmp_path):
     """The template keeps each step's LR and hands the rows to the loggers on logging steps
     (steps.StepLRLog): every step's own value arrives, also when the LR is one tensor the
     scheduler overwrites in place."""
-    trainer = PlannedTrainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         max_epochs=2,
-        limit_val_batches=0,
         log_every_n_steps=5,
         logger=pl.loggers.CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=template_callbacks(),
     )
     data = ShardData(str(write_shards(tmp_path / "shards", 100)), batch_size=8)
