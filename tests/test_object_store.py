@@ -16,6 +16,8 @@ import os
 import re
 import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from conftest import (
     CPU_DDP,
     REPO,
     assert_same_weights,
+    callback_overlay,
     forget_object_store_clients,
     free_port,
     kill_after_step,
@@ -265,11 +268,8 @@ def test_a_store_outage_ends_the_run_in_one_line_and_the_resume_is_exact(tmp_pat
         run(train_cmd("fit", reference, data, *SHORT, "--data.batch_size", "32"), env=store.env)
 
         command = train_cmd("fit", runs, data, *SHORT, "--data.batch_size", "32")
-        process = start_fit(command, store.env, tmp_path / "first.log")
-        step_of = step_in_store(store)
-        while step_of(runs) < 8:
-            assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        with frozen(process):  # the run cannot end in between: it meets the outage
+        with paused_after_step(command, 8, store.env, tmp_path / "first.log") as process:
+            assert step_in_store(store)(runs) == 8  # a mid-epoch checkpoint in the store
             stop_group(store.process, grace=0)  # SIGTERM then SIGKILL, by pid
         assert process.wait(timeout=240) == 1
         log = (tmp_path / "first.log").read_text()
@@ -326,7 +326,7 @@ def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact,
         command = train_cmd("fit", runs, data, *args)
         step_of = step_in_store(store)
         auto = ["--ckpt_path", "auto"]
-        resume, outage_at = [], 5
+        resume, outage_at = [], 4
         if exact:
             reference = tmp_path / "reference"
             run(train_cmd("fit", reference, data, *args), env=store.env)
@@ -337,11 +337,9 @@ def test_two_ranks_over_plain_http_end_in_one_line_at_an_outage(tmp_path, exact,
         # botocore's attempts at a dead endpoint (5 by default: ~40 s here) cut to 2:
         # the same way out, sooner.
         impatient = {**store.env, "AWS_MAX_ATTEMPTS": "2"}
-        training = start_fit(command + resume, impatient, tmp_path / "outage.log")
-        while (step := step_of(runs)) < outage_at:
-            assert training.poll() is None, (tmp_path / "outage.log").read_text()[-3000:]
-        assert step < total  # mid-run
-        with frozen(training):  # the run cannot end in between: it meets the outage
+        output = tmp_path / "outage.log"
+        with paused_after_step(command + resume, outage_at, impatient, output) as training:
+            assert (step := step_of(runs)) == outage_at < total  # mid-run
             stop_group(store.process, grace=0)
         code = training.wait(timeout=240)
         log = (tmp_path / "outage.log").read_text()
@@ -419,27 +417,37 @@ def object_store_running(store):
 
 
 @contextlib.contextmanager
-def frozen(process):
-    """The run's whole process group stopped (SIGSTOP) while the block runs, then
-    continued: what the block does to the store happens between two of the run's steps.
-    Polling the store for a checkpoint takes long enough that a run could otherwise train
-    to its end between the poll and the outage (seen: exit status 0 instead of 1)."""
-    os.killpg(process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.killpg(process.pid, signal.SIGCONT)
-
-
-def start_fit(command: list[str], env: dict, log):
-    import os
-    import subprocess
-
+def paused_after_step(command: list[str], step: int, env: dict, log: Path):
+    """Start a run with ``faults.PauseAfterCheckpoint(step)`` (its output in ``log``) and
+    run the block while the run's whole process group stands stopped right after step
+    ``step``'s checkpoint; then the group continues, and what the block did to the store
+    meets the run's next request. Polling the store instead raced the run: on 2 busy
+    cores a run trained from one poll to its end (seen: exit status 0; a resumed run's
+    step 8 then 46 of 46)."""
+    overlay = callback_overlay(log.with_suffix(".yaml"), "faults.PauseAfterCheckpoint", step=step)
     with open(log, "w") as out:
-        return subprocess.Popen(
-            command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        process = subprocess.Popen(
+            [*command, "--config", str(overlay)], cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while process_state(process.pid) != "T":  # stopped by its own SIGSTOP
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no pause after step {step}: {log}"
+        time.sleep(0.05)
+    try:
+        yield process
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    os.killpg(process.pid, signal.SIGCONT)
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat (``T``: stopped by a signal)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
 
 
 @pytest.mark.ddp
