@@ -69,6 +69,28 @@ def test_every_layout_trains_every_step_on_the_same_samples(drop_last, shape):
         assert set(seen) == set(range(1000)) and len(seen) == 21 * GLOBAL_BATCH
 
 
+@pytest.mark.parametrize("shape", [*SHAPES, "unshuffled"], ids=str)
+def test_a_ranks_micro_batches_are_its_share_of_each_steps_positions(shape):
+    """``rank_batches`` gathers a rank's positions many steps at a time (``indices_at``);
+    each micro-batch must be exactly, in order, its slice of the step's contiguous
+    positions as :meth:`GlobalOrder.indices` reads them, also where a micro-batch
+    straddles windows and where the epoch's last global batch wraps."""
+    if shape == "unshuffled":
+        order = GlobalOrder(1000, GLOBAL_BATCH, seed=3, shuffle=False)
+    else:
+        order = order_of(1000, shape, seed=3)
+    for world_size, batch_size in ((1, 48), (4, 6), (3, 4), (16, 1)):
+        accumulate = accumulation_of(GLOBAL_BATCH, world_size, batch_size)
+        for rank in {0, world_size - 1}:
+            got = list(order.rank_batches(1, world_size, rank, batch_size, start_step=2))
+            assert len(got) == (order.steps_per_epoch - 2) * accumulate
+            for number, batch in enumerate(got):
+                step, micro = 2 + number // accumulate, number % accumulate
+                first = micro * world_size * batch_size + rank * batch_size
+                expected = order.step_samples(1, step)[first : first + batch_size]
+                assert batch == expected.tolist(), (world_size, batch_size, rank, number)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     num_samples=st.integers(48, 700),

@@ -48,6 +48,8 @@ from train_template.layout import TrainLayout, accumulation_for, train_layout
 from train_template.options import SHUFFLE_BLOCK, SHUFFLE_WINDOW
 
 _RNG_BLOCKS, _RNG_WINDOW = 1, 2  # the two streams of a windowed epoch's seed
+# A rank's sampler works out this many of its positions at once (32 KB of int64).
+RANK_POSITIONS_AT_ONCE = 4096
 
 
 @dataclass(frozen=True)
@@ -111,13 +113,40 @@ class GlobalOrder:
     def rank_batches(
         self, epoch: int, world_size: int, rank: int, batch_size: int, start_step: int = 0
     ) -> Iterator[list[int]]:
-        """This rank's micro-batches from ``start_step`` to the end of the epoch."""
+        """This rank's micro-batches from ``start_step`` to the end of the epoch, worked out
+        for about ``RANK_POSITIONS_AT_ONCE`` of its positions at a time (one gather instead
+        of a lookup per micro-batch: the sampler runs on every training step)."""
         accumulate = accumulation_of(self.global_batch_size, world_size, batch_size)
-        per_micro = world_size * batch_size
-        for step in range(start_step, self.steps_per_epoch):
-            for micro in range(accumulate):
-                first = step * self.global_batch_size + micro * per_micro + rank * batch_size
-                yield self.indices(epoch, first, first + batch_size).tolist()
+        # The rank's positions within one optimizer step: micro m, item i.
+        micro = np.arange(accumulate, dtype=np.int64)[:, None] * (world_size * batch_size)
+        in_step = (micro + rank * batch_size + np.arange(batch_size)).ravel()
+        steps_at_once = max(1, RANK_POSITIONS_AT_ONCE // len(in_step))
+        for first in range(start_step, self.steps_per_epoch, steps_at_once):
+            steps = np.arange(first, min(first + steps_at_once, self.steps_per_epoch))
+            positions = (steps[:, None] * self.global_batch_size + in_step).ravel()
+            items = self.indices_at(epoch, positions).tolist()
+            for start in range(0, len(items), batch_size):
+                yield items[start : start + batch_size]
+
+    def indices_at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """The sample indices at the given global positions of ``epoch`` (any order; past
+        the dataset they wrap, as in :meth:`indices`)."""
+        positions = positions % self.num_samples
+        if not self.shuffle:
+            return positions
+        if self.shuffle_window is None:
+            return self._full_permutation(epoch)[positions]
+        blocks, window_starts = self._epoch_blocks(epoch)
+        windows = window_starts.searchsorted(positions, side="right") - 1
+        first, last = int(windows.min()), int(windows.max())
+        if first == last:  # the usual case: one window
+            return self._window_items(epoch, first, blocks)[positions - window_starts[first]]
+        out = np.empty_like(positions)
+        for window in np.unique(windows):  # ascending: each window built once
+            at = windows == window
+            items = self._window_items(epoch, int(window), blocks)
+            out[at] = items[positions[at] - window_starts[window]]
+        return out
 
     def _unwrapped(self, epoch: int, start: int, stop: int) -> np.ndarray:
         """Indices at positions ``0 <= start < stop <= num_samples``."""
