@@ -36,7 +36,7 @@ def bench_args(
         parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
         parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
     for name, help_text in flags:
-        parser.add_argument(f"--{name}", action="store_true", help=help_text)
+        parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=help_text)
     return parser.parse_args() if parse else parser
 
 
