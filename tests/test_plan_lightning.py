@@ -278,3 +278,43 @@ def test_metrics_csv_holds_the_lr_of_every_step_also_a_tensor_lr(tmp_path):
     assert [lrs[step] for step in sorted(lrs)] == pytest.approx(
         [BASE_LR / (step + 1) for step in range(26)]
     )
+
+
+class ScheduledLRModule(DocsStyleModule):
+    """The docs-style module on SGD with an LR of BASE_LR / (step + 1)."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=BASE_LR)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def test_steps_a_grad_scaler_skips_still_get_their_lr_row(tmp_path):
+    """The LR is read from inside ``optimizer.step`` (StepLRLog.attach); a GradScaler skips
+    that call on an overflow while Lightning counts the step and its scheduler moves on.
+    With a scaler the callback's own hook records instead: fp16 autocast on CPU, a scale
+    large enough that some steps overflow (without the fallback steps 0-4, 6, 7, ... had
+    no row), and every step still has its row and value."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    trainer = quiet_trainer(
+        tmp_path,
+        max_epochs=2,
+        log_every_n_steps=5,
+        logger=pl.loggers.CSVLogger(tmp_path),
+        callbacks=template_callbacks(),
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+    )
+    data = ShardData(str(write_shards(tmp_path / "shards", 100)), batch_size=8)
+    trainer.fit(ScheduledLRModule(dropout=0.0), data)
+    assert scaler.get_scale() < 2.0**24  # the scaler backed off: steps were skipped
+    rows = csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv"))
+    lrs = {int(row["step"]): float(row["lr-SGD"]) for row in rows if row.get("lr-SGD")}
+    assert sorted(lrs) == list(range(trainer.global_step)) and trainer.global_step == 26
+    assert [lrs[step] for step in sorted(lrs)] == pytest.approx(
+        [BASE_LR / (step + 1) for step in range(26)]
+    )

@@ -44,7 +44,8 @@ At each **optimizer step** (after backward, the DDP all-reduce and AMP unscaling
   10. an epoch's last, short accumulation window gets the mean gradient of the batches it
       holds (:func:`scale_short_window`);
   11. the LR of the step is kept for the loggers (``lr-<Optimizer>`` in ``metrics.csv``;
-      handed over on logging steps, at epoch ends and on an exception).
+      read by a step hook on each optimizer, handed over on logging steps, at epoch ends
+      and on an exception).
 
 At each **batch end**
   12. ``isfinite(loss)`` is folded into a flag on the device; on logging steps it is read
@@ -142,6 +143,8 @@ class RunMachinery(Callback):
         self.lr_schedule = lr_schedule or LRSchedule()
         self.finite = FiniteGuard()
         self.lr_log = StepLRLog()
+        self.scale_windows = self.options.scale_partial_accumulation  # set at train start
+        self.lr_in_hook = True  # False once the optimizers' own step hooks record it
         self.preemption = PreemptionSave(preemption or PreemptionOptions())
         self.plan: TrainingPlan | None = None
         self.resume: resume.Resume | None = None  # what a resumed fit's checkpoint brings
@@ -195,6 +198,13 @@ class RunMachinery(Callback):
         self.preemption.install()
         # Only the first batch of a resumed fit has work at batch start (the RNG states).
         set_hook_idle(self, "on_train_batch_start", self.resume is None)
+        # Before the optimizer step: short accumulation windows exist only with
+        # accumulation, and the LR is read from inside the step (StepLRLog.attach).
+        self.scale_windows = self.options.scale_partial_accumulation and (
+            plan.accumulate_grad_batches > 1 and plan.batches_per_epoch is not None
+        )
+        self.lr_in_hook = self.lr_log.attach(trainer)
+        set_hook_idle(self, "on_before_optimizer_step", not (self.scale_windows or self.lr_in_hook))
 
     # -- every epoch and step (8-15) ------------------------------------------------
 
@@ -214,9 +224,10 @@ class RunMachinery(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        if self.options.scale_partial_accumulation:
+        if self.scale_windows:
             scale_short_window(trainer, self.plan, optimizer)
-        self.lr_log.record(trainer, optimizer)
+        if self.lr_in_hook:
+            self.lr_log.record(trainer, optimizer)
 
     def on_train_batch_end(
         self,
@@ -242,9 +253,13 @@ class RunMachinery(Callback):
         self.finite.check_loss(trainer, f"epoch {trainer.current_epoch}")
         check_stream_lasted(trainer, self.plan)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.lr_log.detach()
+
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        self.lr_log.detach()
         self.lr_log.flush(trainer)  # a preemption exit too; Lightning then finalizes loggers
 
     # -- end of the fit (18) ----------------------------------------------------------
@@ -293,10 +308,40 @@ class StepLRLog:
     the loggers on Lightning's logging steps, at epoch ends and when a fit stops on an
     exception: the loggers' code then runs for all rows at once instead of cold on every
     step (``on_before_optimizer_step`` 18 -> 6 us of a tiny step, the hand-over about 7 us a
-    step on logging steps; docs/benchmarks.md, 1f)."""
+    step on logging steps; docs/benchmarks.md, 1f).
+
+    The LR is read by a step post-hook on each of the fit's optimizers (``attach``): torch
+    calls it right after the update, with the LR the update used (the LR scheduler steps
+    after ``optimizer.step`` returns; Lightning counts the step after it too, so
+    ``global_step`` is the step's own), with no Lightning hook dispatch per step (about 3%
+    of a tiny step, docs/benchmarks.md, 1g). Under a GradScaler (``16-mixed``) an overflow
+    skips ``optimizer.step``, while Lightning still counts the step: there the callback's
+    ``on_before_optimizer_step`` records instead (``attach`` returns True)."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, dict[str, float]]] = []
+        self._hooks: list[Any] = []
+
+    def attach(self, trainer: pl.Trainer) -> bool:
+        """Record from inside the optimizers' steps from now on; True where the caller must
+        record in ``on_before_optimizer_step`` instead (a GradScaler)."""
+        self.detach()
+        if not trainer.loggers:
+            return False  # nothing to hand the rows to
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return True
+        for optimizer in trainer.optimizers:
+            hook = optimizer.register_step_post_hook(
+                lambda optimizer, args, kwargs: self.record(trainer, optimizer)
+            )
+            self._hooks.append(hook)
+        return False
+
+    def detach(self) -> None:
+        """Remove the step hooks (at the end of the fit: the optimizers may outlive it)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def record(self, trainer: pl.Trainer, optimizer: Any) -> None:
         if not trainer.loggers:
