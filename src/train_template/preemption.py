@@ -49,8 +49,10 @@ class PreemptionSave:
             )
         self.check_every_n_steps = options.check_every_n_steps
         self._received: int | None = None
+        self._alone = False  # one process: nothing to agree on
 
-    def install(self) -> None:
+    def install(self, world_size: int) -> None:
+        self._alone = world_size == 1
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(signum, self._record)
 
@@ -58,7 +60,7 @@ class PreemptionSave:
         self._received = self._received or signum
 
     def after_batch(self, trainer: pl.Trainer, batch_idx: int) -> None:
-        if trainer.world_size == 1 and not self._received:
+        if self._alone and not self._received:
             return  # a single process decides alone: nothing received, nothing to do
         if not closes_accumulation_window(trainer, batch_idx):
             return  # gradients of this window are pending: never save here

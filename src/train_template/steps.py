@@ -144,7 +144,7 @@ class RunMachinery(Callback):
         self.finite = FiniteGuard()
         self.lr_log = StepLRLog()
         self.scale_windows = self.options.scale_partial_accumulation  # set at train start
-        self.lr_in_hook = True  # False once the optimizers' own step hooks record it
+        self.lr_in_hook = False  # True where the optimizers' step hooks cannot record it
         self.preemption = PreemptionSave(preemption or PreemptionOptions())
         self.plan: TrainingPlan | None = None
         self.resume: resume.Resume | None = None  # what a resumed fit's checkpoint brings
@@ -195,7 +195,7 @@ class RunMachinery(Callback):
                 )
             if log_dir is not None:
                 write_plan(plan, log_dir)
-        self.preemption.install()
+        self.preemption.install(trainer.world_size)
         # Only the first batch of a resumed fit has work at batch start (the RNG states).
         set_hook_idle(self, "on_train_batch_start", self.resume is None)
         # Before the optimizer step: short accumulation windows exist only with
@@ -344,8 +344,7 @@ class StepLRLog:
         self._hooks = []
 
     def record(self, trainer: pl.Trainer, optimizer: Any) -> None:
-        if not trainer.loggers:
-            return
+        """Keep this step's LR (called only where the fit has loggers: ``attach``)."""
         name = f"lr-{type(optimizer).__name__}"
         groups = optimizer.param_groups
         if len(groups) == 1:
