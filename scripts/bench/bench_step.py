@@ -65,8 +65,8 @@ class EpochTimer(pl.Callback):
     """Milliseconds per step of every epoch after the first; a fit's figure is the fastest
     of them: what the step costs when nothing else interferes (a garbage-collector pass,
     the machine's neighbours: they only ever add time; ``timeit``'s rule). On this shared
-    VM the median of a fit's epochs moved by up to 5% between identical fits, the fastest
-    by about 2%."""
+    VM, 9 identical bare fits' fastest epochs lay within 1.185 - 1.257 ms, most within 2%;
+    their medians, on a busier hour, 1.23 - 2.06 ms (docs/benchmarks.md, 1g)."""
 
     def __init__(self, profile: cProfile.Profile | None = None) -> None:
         self.epochs: list[float] = []
