@@ -246,12 +246,18 @@ def test_global_batch_size_derives_the_accumulation_lightning_runs(tmp_path):
     assert trainer.global_step == plan.max_steps == 2 * 5
 
 
-class TensorLRModule(DocsStyleModule):
-    """The docs-style module with a tensor LR, as capturable optimizers take it: its
-    scheduler updates the tensor in place every step."""
+class ScheduledLRModule(DocsStyleModule):
+    """The docs-style module on SGD with an LR of BASE_LR / (step + 1); ``tensor_lr``: the
+    LR is one tensor, as capturable optimizers take it, which the scheduler updates in
+    place every step."""
+
+    def __init__(self, tensor_lr: bool = False) -> None:
+        super().__init__(dropout=0.0)
+        self.tensor_lr = tensor_lr
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=torch.tensor(BASE_LR))
+        lr = torch.tensor(BASE_LR) if self.tensor_lr else BASE_LR
+        optimizer = torch.optim.SGD(self.parameters(), lr=lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
         return {
             "optimizer": optimizer,
@@ -259,19 +265,19 @@ class TensorLRModule(DocsStyleModule):
         }
 
 
-def test_metrics_csv_holds_the_lr_of_every_step_also_a_tensor_lr(tmp_path):
-    """The template keeps each step's LR and hands the rows to the loggers on logging steps
-    (steps.StepLRLog): every step's own value arrives, also when the LR is one tensor the
-    scheduler overwrites in place."""
+def assert_every_step_has_its_lr_row(tmp_path, module, **overrides) -> None:
+    """Fit ``module`` for 26 steps with the template's callbacks and a CSV logger written
+    every 5 steps: ``metrics.csv`` holds each step's own LR, and only those rows."""
     trainer = quiet_trainer(
         tmp_path,
         max_epochs=2,
         log_every_n_steps=5,
         logger=pl.loggers.CSVLogger(tmp_path),
         callbacks=template_callbacks(),
+        **overrides,
     )
     data = ShardData(str(write_shards(tmp_path / "shards", 100)), batch_size=8)
-    trainer.fit(TensorLRModule(dropout=0.0), data)
+    trainer.fit(module, data)
     rows = csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv"))
     lrs = {int(row["step"]): float(row["lr-SGD"]) for row in rows if row.get("lr-SGD")}
     assert sorted(lrs) == list(range(trainer.global_step)) and trainer.global_step == 26
@@ -280,16 +286,11 @@ def test_metrics_csv_holds_the_lr_of_every_step_also_a_tensor_lr(tmp_path):
     )
 
 
-class ScheduledLRModule(DocsStyleModule):
-    """The docs-style module on SGD with an LR of BASE_LR / (step + 1)."""
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=BASE_LR)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+def test_metrics_csv_holds_the_lr_of_every_step_also_a_tensor_lr(tmp_path):
+    """The template keeps each step's LR and hands the rows to the loggers on logging steps
+    (steps.StepLRLog): every step's own value arrives, also when the LR is one tensor the
+    scheduler overwrites in place."""
+    assert_every_step_has_its_lr_row(tmp_path, ScheduledLRModule(tensor_lr=True))
 
 
 def test_steps_a_grad_scaler_skips_still_get_their_lr_row(tmp_path):
@@ -301,20 +302,6 @@ def test_steps_a_grad_scaler_skips_still_get_their_lr_row(tmp_path):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
-    trainer = quiet_trainer(
-        tmp_path,
-        max_epochs=2,
-        log_every_n_steps=5,
-        logger=pl.loggers.CSVLogger(tmp_path),
-        callbacks=template_callbacks(),
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
-    )
-    data = ShardData(str(write_shards(tmp_path / "shards", 100)), batch_size=8)
-    trainer.fit(ScheduledLRModule(dropout=0.0), data)
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler)]
+    assert_every_step_has_its_lr_row(tmp_path, ScheduledLRModule(), plugins=plugins)
     assert scaler.get_scale() < 2.0**24  # the scaler backed off: steps were skipped
-    rows = csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv"))
-    lrs = {int(row["step"]): float(row["lr-SGD"]) for row in rows if row.get("lr-SGD")}
-    assert sorted(lrs) == list(range(trainer.global_step)) and trainer.global_step == 26
-    assert [lrs[step] for step in sorted(lrs)] == pytest.approx(
-        [BASE_LR / (step + 1) for step in range(26)]
-    )
