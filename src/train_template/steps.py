@@ -314,9 +314,10 @@ class StepLRLog:
     calls it right after the update, with the LR the update used (the LR scheduler steps
     after ``optimizer.step`` returns; Lightning counts the step after it too, so
     ``global_step`` is the step's own), with no Lightning hook dispatch per step (the
-    template's two per-step hooks cost about 3% of a tiny step, docs/benchmarks.md, 1g). Under a GradScaler (``16-mixed``) an overflow
-    skips ``optimizer.step``, while Lightning still counts the step: there the callback's
-    ``on_before_optimizer_step`` records instead (``attach`` returns True)."""
+    template's two per-step hooks cost about 3% of a tiny step, docs/benchmarks.md, 1g).
+    Under a GradScaler (``16-mixed``) an overflow skips ``optimizer.step``, while Lightning
+    still counts the step: there the callback's ``on_before_optimizer_step`` records
+    instead (``attach`` returns True)."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, dict[str, float]]] = []
