@@ -249,11 +249,24 @@ def test_global_batch_size_derives_the_accumulation_lightning_runs(tmp_path):
 class ScheduledLRModule(DocsStyleModule):
     """The docs-style module on SGD with an LR of BASE_LR / (step + 1); ``tensor_lr``: the
     LR is one tensor, as capturable optimizers take it, which the scheduler updates in
-    place every step."""
+    place every step; ``manual``: manual optimization as Lightning's docs show it (the
+    step steps the optimizer and the scheduler itself and returns nothing)."""
 
-    def __init__(self, tensor_lr: bool = False) -> None:
+    def __init__(self, tensor_lr: bool = False, manual: bool = False) -> None:
         super().__init__(dropout=0.0)
         self.tensor_lr = tensor_lr
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch, batch_idx):
+        if self.automatic_optimization:
+            return super().training_step(batch, batch_idx)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(self.net(batch["image"]), batch["label"])
+        self.manual_backward(loss)
+        optimizer.step()
+        self.lr_schedulers().step()
+        self.log("train_loss", loss)
 
     def configure_optimizers(self):
         lr = torch.tensor(BASE_LR) if self.tensor_lr else BASE_LR
@@ -291,6 +304,13 @@ def test_metrics_csv_holds_the_lr_of_every_step_also_a_tensor_lr(tmp_path):
     (steps.StepLRLog): every step's own value arrives, also when the LR is one tensor the
     scheduler overwrites in place."""
     assert_every_step_has_its_lr_row(tmp_path, ScheduledLRModule(tensor_lr=True))
+
+
+def test_a_manual_optimization_module_gets_its_plan_and_every_steps_lr(tmp_path):
+    """Manual optimization as Lightning's docs write it returns nothing from
+    ``training_step``: the fit runs the plan's steps (26, asserted in the helper) with an
+    LR row for each; the template's finiteness guard once failed on the missing loss."""
+    assert_every_step_has_its_lr_row(tmp_path, ScheduledLRModule(manual=True))
 
 
 def test_steps_a_grad_scaler_skips_still_get_their_lr_row(tmp_path):

@@ -196,6 +196,7 @@ class RunMachinery(Callback):
             if log_dir is not None:
                 write_plan(plan, log_dir)
         self.preemption.install(trainer.world_size)
+        self.finite.start(pl_module)
         # Only the first batch of a resumed fit has work at batch start (the RNG states).
         set_hook_idle(self, "on_train_batch_start", self.resume is None)
         # Before the optimizer step: short accumulation windows exist only with
