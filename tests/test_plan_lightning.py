@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -325,3 +327,27 @@ def test_steps_a_grad_scaler_skips_still_get_their_lr_row(tmp_path):
     plugins = [MixedPrecision("16-mixed", "cpu", scaler)]
     assert_every_step_has_its_lr_row(tmp_path, ScheduledLRModule(), plugins=plugins)
     assert scaler.get_scale() < 2.0**24  # the scaler backed off: steps were skipped
+
+
+def test_a_fit_started_from_another_thread_runs_and_says_signals_are_not_caught(tmp_path):
+    """Only the main thread may set signal handlers; a fit started from another thread (a
+    notebook's, a service's worker) runs its plan and says once that a preemption signal
+    will not save (Lightning skips its own handlers there too)."""
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=template_callbacks())
+    data = ShardData(str(write_shards(tmp_path / "shards", 100)), batch_size=8)
+    caught: list = []
+
+    def fit() -> None:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            trainer.fit(DocsStyleModule(), data)
+        caught.extend(str(w.message) for w in said)
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    thread.join()
+    assert trainer.global_step == trainer.training_plan.max_steps == 26
+    assert [m for m in caught if "SIGUSR1/SIGTERM are not caught" in m] == [
+        "the fit runs outside the main thread: SIGUSR1/SIGTERM are not caught, so a "
+        "preemption does not save last.ckpt (start the fit in the main thread)"
+    ]

@@ -22,12 +22,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from train_template.errors import UserError
 from train_template.options import PreemptionOptions
@@ -53,6 +54,14 @@ class PreemptionSave:
 
     def install(self, world_size: int) -> None:
         self._alone = world_size == 1
+        if threading.current_thread() is not threading.main_thread():
+            # Python lets only the main thread set signal handlers (Lightning skips its own
+            # there too): a fit started from another thread still runs, without this save.
+            rank_zero_warn(
+                "the fit runs outside the main thread: SIGUSR1/SIGTERM are not caught, "
+                "so a preemption does not save last.ckpt (start the fit in the main thread)"
+            )
+            return
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(signum, self._record)
 
