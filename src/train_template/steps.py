@@ -96,6 +96,7 @@ from train_template.seam.loop import (
     set_hook_idle,
     set_step_limit,
     skip_idle_batch_hooks,
+    step_counter,
     stop_lookahead_of_a_stateful_stream,
 )
 from train_template.sharding import check_data_parallel
@@ -145,6 +146,7 @@ class RunMachinery(Callback):
         self.lr_log = StepLRLog()
         self.scale_windows = self.options.scale_partial_accumulation  # set at train start
         self.lr_in_hook = False  # True where the optimizers' step hooks cannot record it
+        self.steps: Any = None  # ``completed``: the global step (seam.loop.step_counter)
         self.preemption = PreemptionSave(preemption or PreemptionOptions())
         self.plan: TrainingPlan | None = None
         self.resume: resume.Resume | None = None  # what a resumed fit's checkpoint brings
@@ -204,7 +206,8 @@ class RunMachinery(Callback):
         self.scale_windows = self.options.scale_partial_accumulation and (
             plan.accumulate_grad_batches > 1 and plan.batches_per_epoch is not None
         )
-        self.lr_in_hook = self.lr_log.attach(trainer)
+        self.steps = step_counter(trainer)
+        self.lr_in_hook = self.lr_log.attach(trainer, self.steps)
         set_hook_idle(self, "on_before_optimizer_step", not (self.scale_windows or self.lr_in_hook))
 
     # -- every epoch and step (8-15) ------------------------------------------------
@@ -228,7 +231,7 @@ class RunMachinery(Callback):
         if self.scale_windows:
             scale_short_window(trainer, self.plan, optimizer)
         if self.lr_in_hook:
-            self.lr_log.record(trainer, optimizer)
+            self.lr_log.record(self.steps.completed, optimizer)
 
     def on_train_batch_end(
         self,
@@ -245,7 +248,7 @@ class RunMachinery(Callback):
         # A length in steps, samples or tokens often ends mid-epoch, where Lightning would
         # stop without validating the final weights; asking it to stop here makes it
         # validate them first (the same step on every rank).
-        if trainer.global_step >= self.plan.max_steps:
+        if self.steps.completed >= self.plan.max_steps:
             trainer.should_stop = True
         self.preemption.after_batch(trainer, batch_idx)
 
@@ -321,12 +324,13 @@ class StepLRLog:
     instead (``attach`` returns True)."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[int, dict[str, float]]] = []
+        self.rows: list[tuple[int, Any, list[Any]]] = []  # (step, optimizer, LR per group)
         self._hooks: list[Any] = []
 
-    def attach(self, trainer: pl.Trainer) -> bool:
+    def attach(self, trainer: pl.Trainer, steps: Any) -> bool:
         """Record from inside the optimizers' steps from now on; True where the caller must
-        record in ``on_before_optimizer_step`` instead (a GradScaler)."""
+        record in ``on_before_optimizer_step`` instead (a GradScaler). ``steps``: the
+        fit's ``seam.loop.step_counter``."""
         self.detach()
         if not trainer.loggers:
             return False  # nothing to hand the rows to
@@ -334,7 +338,7 @@ class StepLRLog:
             return True
         for optimizer in trainer.optimizers:
             hook = optimizer.register_step_post_hook(
-                lambda optimizer, args, kwargs: self.record(trainer, optimizer)
+                lambda optimizer, args, kwargs: self.record(steps.completed, optimizer)
             )
             self._hooks.append(hook)
         return False
@@ -345,21 +349,27 @@ class StepLRLog:
             hook.remove()
         self._hooks = []
 
-    def record(self, trainer: pl.Trainer, optimizer: Any) -> None:
-        """Keep this step's LR (called only where the fit has loggers: ``attach``)."""
-        name = f"lr-{type(optimizer).__name__}"
-        groups = optimizer.param_groups
-        if len(groups) == 1:
-            metrics = {name: _kept(groups[0]["lr"])}
-        else:
-            metrics = {f"{name}/pg{i + 1}": _kept(group["lr"]) for i, group in enumerate(groups)}
-        self.rows.append((trainer.global_step, metrics))
+    def record(self, step: int, optimizer: Any) -> None:
+        """Keep the LR of global step ``step`` (called only where the fit has loggers:
+        ``attach``); the loggers' rows are made when they are handed over."""
+        self.rows.append(
+            (step, optimizer, [_kept(group["lr"]) for group in optimizer.param_groups])
+        )
 
     def flush(self, trainer: pl.Trainer) -> None:
         rows, self.rows = self.rows, []
+        metrics = [(step, _lr_metrics(optimizer, lrs)) for step, optimizer, lrs in rows]
         for logger in trainer.loggers:
-            for step, metrics in rows:
-                logger.log_metrics(metrics, step=step)
+            for step, values in metrics:
+                logger.log_metrics(values, step=step)
+
+
+def _lr_metrics(optimizer: Any, lrs: list[Any]) -> dict[str, Any]:
+    """``lr-<Optimizer>``, or ``lr-<Optimizer>/pg<n>`` for each of several param groups."""
+    name = f"lr-{type(optimizer).__name__}"
+    if len(lrs) == 1:
+        return {name: lrs[0]}
+    return {f"{name}/pg{i + 1}": lr for i, lr in enumerate(lrs)}
 
 
 def _kept(lr: Any) -> Any:

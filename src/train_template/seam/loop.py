@@ -70,6 +70,17 @@ def epochs_started(trainer: pl.Trainer) -> int:
     return trainer.fit_loop.epoch_progress.current.processed
 
 
+def step_counter(trainer: pl.Trainer) -> Any:
+    """The progress tracker whose ``completed`` is ``trainer.global_step``, for code that
+    reads the step on every batch: ``_TrainingEpochLoop.global_step`` finds it through four
+    properties each time (automatic or manual optimization). Lightning updates the
+    tracker in place (restore, resets), so one looked up at train start serves the fit."""
+    loop = trainer.fit_loop.epoch_loop
+    if trainer.lightning_module.automatic_optimization:
+        return loop.automatic_optimization.optim_progress.optimizer.step.total
+    return loop.manual_optimization.optim_step_progress.total
+
+
 def is_logging_step(trainer: pl.Trainer) -> bool:
     """True on the training batches whose ``self.log`` values Lightning writes (every
     ``log_every_n_steps``, and the last one); it drops the values of the others.
