@@ -29,7 +29,9 @@ import os
 import pstats
 import re
 import statistics
+import sys
 import tempfile
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -211,6 +213,140 @@ def raw_epoch(
     return seconds / ((epochs - 1) * len(loader)) * 1000
 
 
+class Turns:
+    """Fits in threads of one process that run in turns, one at a time (``TurnTimer``):
+    a step of one fit lies a few milliseconds from a step of each other fit, so the
+    changes of this VM's speed (identical fits differ by up to 5%; a fixed loop's time
+    swings 2x from one second to the next) meet every fit alike, and the ratio of steps
+    of the same turn holds what the fits do differently. A thread that waits holds no
+    lock Python's interpreter needs: the one that runs is alone."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.turn = names[0]
+        self.done: set[str] = set()
+        self.changed = threading.Condition()
+
+    def take(self, name: str) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.turn == name)
+
+    def pass_on(self, name: str, done: bool = False) -> None:
+        with self.changed:
+            if done:
+                self.done.add(name)
+            start = self.names.index(name)
+            following = self.names[start + 1 :] + self.names[: start + 1]
+            self.turn = next((n for n in following if n not in self.done), name)
+            self.changed.notify_all()
+
+
+STEPS_PER_TURN = 10
+
+
+class TurnTimer(pl.Callback):
+    """Runs its fit in turns of ``STEPS_PER_TURN`` steps (``Turns``) and times each step
+    after the warm-up epoch from one batch start to the next, but the first step of a
+    turn (the caches hold the other fits' data then) and the step across an epoch end
+    (its saves): the steps of a fit that runs alone."""
+
+    def __init__(self, turns: Turns, name: str) -> None:
+        self.turns, self.name = turns, name
+        self.steps_ms: list[float] = []
+        self.started, self.in_turn, self.last = False, 0, None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.last = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        sync()
+        now = time.perf_counter()
+        if self.last is not None and trainer.current_epoch > 0:
+            self.steps_ms.append((now - self.last) * 1000)
+        if self.in_turn == STEPS_PER_TURN or not self.started:
+            if self.started:
+                self.turns.pass_on(self.name)
+            self.turns.take(self.name)
+            self.started, self.in_turn = True, 0
+        self.in_turn += 1
+        self.last = None if self.in_turn == 1 else now  # a turn's first step: not timed
+
+    @property
+    def ms_per_step(self) -> float:
+        return statistics.median(self.steps_ms)
+
+
+def fit_in_turn(fit, name: str, turns: Turns, timer: TurnTimer, root: str, shape: tuple) -> None:
+    """One of ``in_turns``' fits; its turn passes on for good when it ends, also on an error."""
+    data_dir, network, batch_size, epochs, device = shape
+    # OpenMP's thread count is the calling thread's: a new thread starts with every core's
+    # worth, whose idle workers spin on the one core the fits share.
+    torch.set_num_threads(1)
+    try:
+        fit(data_dir, network, batch_size, epochs, root, timer=timer, **device)
+    finally:
+        turns.pass_on(name, done=True)
+
+
+def in_turns(data_dir: Path, log_dir: str, rounds: int, **device) -> str:
+    """The tiny Lightning fits run in turns in one process (``Turns``, ``TurnTimer``):
+    ms per step, and each fit's steps against bare Lightning's steps of the same turn.
+    Every fit runs in a thread of its own: with the template in the main thread, bare
+    Lightning in its place stepped at 1.018x bare Lightning in a thread (4 rounds; 1.003x
+    with both in threads). The template's fit then warns that it catches no signal."""
+    network, batch_size, epochs = SIZES["tiny (MLP 64-128-10, batch 32)"]
+    shape = (data_dir, network, batch_size, epochs, device)
+    fits = {
+        "bare Lightning": bare_lightning_epoch,
+        "template machinery": partial(template_epoch, example=False),
+        "bare Lightning + epoch-end checkpoint": partial(bare_lightning_epoch, checkpoint=True),
+    }
+    main, bare = "template machinery", "bare Lightning"
+    steps_ms: dict[str, list[float]] = {name: [] for name in fits}
+    for round_index in range(rounds):
+        names = list(fits) if round_index % 2 == 0 else list(fits)[::-1]
+        turns = Turns(names)
+        timers = {name: TurnTimer(turns, name) for name in names}
+        roots = {
+            name: str(Path(log_dir) / f"turns{round_index}-{i}") for i, name in enumerate(names)
+        }
+        threads = [
+            threading.Thread(
+                target=fit_in_turn, args=(fits[n], n, turns, timers[n], roots[n], shape)
+            )
+            for n in names
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for name, timer in timers.items():
+            steps_ms[name] += timer.steps_ms
+        ratio = same_turn_ratio(timers[main].steps_ms, timers[bare].steps_ms)
+        print(
+            f"  round {round_index + 1}/{rounds} done: {main} / {bare} {ratio:.3f}x",
+            file=sys.stderr,
+            flush=True,
+        )
+    lines = [
+        f"## tiny (MLP 64-128-10, batch 32), in turns: ms per optimizer step "
+        f"({len(steps_ms[bare])} steps of each fit, {rounds} rounds)",
+        "",
+        f"| case | median ms per step | / {bare}, median of the same turns' step ratios |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, values in steps_ms.items():
+        ratio = same_turn_ratio(values, steps_ms[bare])
+        lines.append(f"| {name} | {statistics.median(values):.4g} | {ratio:.3f}x |")
+    return "\n".join(lines)
+
+
+def same_turn_ratio(case: list[float], baseline: list[float]) -> float:
+    """The median of step i of ``case`` / step i of ``baseline``: steps of the same turn
+    (every fit times the same steps of the same turns)."""
+    return statistics.median(a / b for a, b in zip(case, baseline, strict=True))
+
+
 def hook_costs(data_dir: Path, log_dir: str, **device) -> str:
     """The template's callback hooks at the tiny size, timed by Lightning's SimpleProfiler
     (per hook: microseconds per optimizer step), beside the whole training batch."""
@@ -279,6 +415,7 @@ def main() -> None:
             ("hooks", "time the template's own hooks"),
             ("calls", "count the Python calls per step"),
             ("tiny_only", "time the tiny size only (the per-step cost goal)"),
+            ("turns", "the tiny Lightning fits in turns of a few steps, in one process"),
         ],
     )
     device = {"accelerator": args.accelerator, "precision": args.precision}
@@ -290,6 +427,12 @@ def main() -> None:
         if args.hooks:
             print(f"# The template's hooks, tiny size\n\n{machine()}\n")
             print(hook_costs(data_dir, tmp, **device))
+            return
+        if args.turns:
+            torch.set_num_threads(1)
+            os.sched_setaffinity(0, {max(cores)})
+            print(f"# Per-step time, the fits in turns\n\n{machine()}, {device}\n")
+            print(in_turns(data_dir, tmp, args.repeats, **device))
             return
         if args.calls:
             print(f"# Python calls per step, tiny size\n\n{machine()}\n")
