@@ -16,6 +16,7 @@ epochs; the tiny size on one thread, pinned to one core.
     .venv/bin/python scripts/bench/bench_step.py --hooks   # the template's own hooks, us per step
     .venv/bin/python scripts/bench/bench_step.py --calls   # Python calls per step (no noise)
     .venv/bin/python scripts/bench/bench_step.py --tiny-only --repeats 15
+    .venv/bin/python scripts/bench/bench_step.py --turns --repeats 10  # steps of one turn
     .venv/bin/python scripts/bench/bench_step.py --accelerator gpu --precision bf16-mixed
 
 On a GPU the raw loop moves each batch to the device and runs under
@@ -248,7 +249,9 @@ class TurnTimer(pl.Callback):
     """Runs its fit in turns of ``STEPS_PER_TURN`` steps (``Turns``) and times each step
     after the warm-up epoch from one batch start to the next, but the first step of a
     turn (the caches hold the other fits' data then) and the step across an epoch end
-    (its saves): the steps of a fit that runs alone."""
+    (its saves): the steps of a fit that runs alone. On a GPU the clock waits for the
+    queue at every step, which the steps of a normal fit do not: the turns are for the
+    Python-bound tiny size on a CPU."""
 
     def __init__(self, turns: Turns, name: str) -> None:
         self.turns, self.name = turns, name
