@@ -304,7 +304,7 @@ def in_turns(data_dir: Path, log_dir: str, rounds: int, **device) -> str:
         "template machinery": partial(template_epoch, example=False),
         "bare Lightning + epoch-end checkpoint": partial(bare_lightning_epoch, checkpoint=True),
     }
-    main, bare = "template machinery", "bare Lightning"
+    template, bare = "template machinery", "bare Lightning"
     steps_ms: dict[str, list[float]] = {name: [] for name in fits}
     for round_index in range(rounds):
         names = list(fits) if round_index % 2 == 0 else list(fits)[::-1]
@@ -325,9 +325,9 @@ def in_turns(data_dir: Path, log_dir: str, rounds: int, **device) -> str:
             thread.join()
         for name, timer in timers.items():
             steps_ms[name] += timer.steps_ms
-        ratio = same_turn_ratio(timers[main].steps_ms, timers[bare].steps_ms)
+        ratio = same_turn_ratio(timers[template].steps_ms, timers[bare].steps_ms)
         print(
-            f"  round {round_index + 1}/{rounds} done: {main} / {bare} {ratio:.3f}x",
+            f"  round {round_index + 1}/{rounds} done: {template} / {bare} {ratio:.3f}x",
             file=sys.stderr,
             flush=True,
         )

@@ -50,8 +50,10 @@ class FiniteGuard:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        if self._copy or loss.dim():
-            loss = loss.detach().sum() if loss.dim() else loss.detach().clone()
+        if loss.dim():
+            loss = loss.detach().sum()  # a new 0-dim tensor
+        elif self._copy:
+            loss = loss.detach().clone()
         losses = self._losses
         losses.append(loss)
         if len(losses) >= FOLD_EVERY:
